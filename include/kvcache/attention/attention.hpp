@@ -1,0 +1,92 @@
+// attention::decode and attention::prefill over a cache: validation at the edge, then the
+// backend's kernel, chosen at compile time from the cache's Backend tag.
+//
+// Works with any cache type that offers shape(), view(layer, seq) and backend_type (KVCache
+// does); this header does not include the cache, and the cache does not include kernels.
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <span>
+
+#include "../backend/cpu.hpp"
+#include "../error.hpp"
+#include "../sequence.hpp"
+#include "../shape.hpp"
+#include "../view.hpp"
+#include "cpu.hpp"
+#include "params.hpp"
+
+KVCACHE_BEGIN_NAMESPACE
+
+namespace attention {
+
+namespace detail {
+
+template <class View>
+void check_view(const View& view, int queries, SeqId seq, int layer, const char* operation) {
+  if (queries < 1 || queries > view.length)
+    kvcache::detail::fail(errc::out_of_range, operation, "(layer ", layer, ", ", seq, "): ",
+                          queries, " queries but the layer holds ", view.length,
+                          " positions; append the queries' K/V first");
+  const int query = view.length - queries;
+  if (view.first_needed(query) < view.first_held)
+    kvcache::detail::fail(errc::position_overwritten, operation, "(layer ", layer, ", ", seq,
+                          "): the query at position ", query, " sees position ",
+                          view.first_needed(query), ", but the window's ring holds only from ",
+                          view.first_held, "; prefill in chunks of at most slack_tokens + 1");
+}
+
+template <class Cache, class Q, class O>
+void check_sizes(const Cache& cache, std::size_t queries, std::size_t q_size, std::size_t out_size,
+                 const char* operation) {
+  const std::size_t expected =
+      queries * static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
+  if (q_size != expected || out_size != expected)
+    kvcache::detail::fail(errc::shape_mismatch, operation, ": q has ", q_size, " and out ",
+                          out_size, " elements; both must be ", queries,
+                          " queries * q_heads * head_dim = ", expected);
+}
+
+}  // namespace detail
+
+// One new query token for each sequence of a batch (ragged lengths welcome).
+//   q, out: [seqs.size()][q_heads][head_dim]; sequence i's query sits at position
+//           length(seqs[i], layer) - 1, whose K/V must already be appended.
+template <class Cache, class Q, class O>
+void decode(const Cache& cache, int layer, std::span<const SeqId> seqs, std::span<const Q> q,
+            std::span<O> out, const AttentionParams& params = {}) {
+  detail::check_sizes<Cache, Q, O>(cache, seqs.size(), q.size(), out.size(), "decode");
+  for (SeqId seq : seqs) detail::check_view(cache.view(layer, seq), 1, seq, layer, "decode");
+  const std::size_t stride = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const auto view = cache.view(layer, seqs[i]);
+    if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
+      cpu::decode(view, cache.shape().q_heads, q.data() + i * stride, out.data() + i * stride, params);
+    else
+      static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
+                    "no attention kernels for this backend");
+  }
+}
+
+// n query tokens of one sequence (a prompt or a chunk of one), causal against the cache and
+// themselves. Their K/V must already be appended, so they sit at the last n positions.
+//   q, out: [n][q_heads][head_dim]
+template <class Cache, class Q, class O>
+void prefill(const Cache& cache, int layer, SeqId seq, std::span<const Q> q, std::span<O> out,
+             const AttentionParams& params = {}) {
+  const std::size_t per_query = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
+  const std::size_t queries = q.size() / per_query;
+  detail::check_sizes<Cache, Q, O>(cache, queries, q.size(), out.size(), "prefill");
+  const auto view = cache.view(layer, seq);
+  detail::check_view(view, static_cast<int>(queries), seq, layer, "prefill");
+  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
+    cpu::prefill(view, cache.shape().q_heads, static_cast<int>(queries), q.data(), out.data(), params);
+  else
+    static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
+                  "no attention kernels for this backend");
+}
+
+}  // namespace attention
+
+KVCACHE_END_NAMESPACE

@@ -1,0 +1,391 @@
+// KVCache<Layout, DType, Backend>: the keys and values of every layer for a set of sequences.
+//
+//   Layout   how positions map to memory: Contiguous, Paged<BlockTokens>, SlidingWindow
+//   DType    how one element is stored: f32, f16, bf16
+//   Backend  where the bytes live: backend::cpu
+//
+// The step of an engine:
+//
+//   scheduler, once per step:  cache.reserve(seq, new_tokens)    // the one call that can run out
+//   each layer l:              cache.append(l, seq, k, v)          // positions [length, +new)
+//                              attention::decode / prefill(cache, l, ...)
+//   when a request ends:       cache.release(seq)
+//
+// All memory is allocated in the constructor; reserve, append, view and the attention kernels
+// never allocate. Every public call validates its arguments first and throws kvcache::Error
+// without changing anything, so after a failed call the cache is exactly as it was.
+//
+// Each layer keeps its own length: append(l, ...) extends layer l only, so attention in layer l
+// sees the new tokens of layer l before later layers have been computed. length(seq) is the
+// number of positions every layer holds.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "backend/cpu.hpp"
+#include "dtype/float.hpp"
+#include "error.hpp"
+#include "sequence.hpp"
+#include "shape.hpp"
+#include "stats.hpp"
+#include "storage/concept.hpp"
+#include "view.hpp"
+
+KVCACHE_BEGIN_NAMESPACE
+
+template <StoragePolicy Layout, FloatElement DType, Backend B = backend::cpu>
+class KVCache {
+ public:
+  using layout_type = Layout;
+  using dtype = DType;
+  using backend_type = B;
+  using storage_type = typename DType::storage_type;
+  using view_type = SequenceView<storage_type>;
+
+  // Allocates all storage. Throws Error{invalid_configuration} for a bad shape or policy.
+  KVCache(const ModelShape& shape, const Layout& layout)
+      : shape_(validated(shape, layout)),
+        layout_(layout),
+        book_(layout),
+        retention_(layout.retention()),
+        pool_elements_(static_cast<std::size_t>(layout.page_count()) * shape.kv_heads *
+                       layout.page_tokens() * shape.head_dim),
+        bytes_capacity_(bytes_for_tokens<DType>(
+            shape, static_cast<std::size_t>(layout.page_count()) * layout.page_tokens())),
+        memory_(static_cast<storage_type*>(B::allocate(bytes_capacity_)), Release{bytes_capacity_}),
+        slots_(static_cast<std::size_t>(layout.sequence_slots())),
+        layer_state_(static_cast<std::size_t>(layout.sequence_slots()) * shape.layers) {
+    static_assert(sizeof(storage_type) * 8 == DType::bits, "one storage unit per element");
+    free_slots_.reserve(slots_.size());
+    for (int slot = layout.sequence_slots() - 1; slot >= 0; --slot) free_slots_.push_back(slot);
+  }
+
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+  KVCache(KVCache&&) noexcept = default;
+  KVCache& operator=(KVCache&&) noexcept = default;
+
+  const ModelShape& shape() const { return shape_; }
+  const Layout& layout() const { return layout_; }
+  // The policy's host bookkeeping, read-only (block tables, pool counts) for inspection.
+  const typename Layout::bookkeeping& bookkeeping() const { return book_; }
+
+  int max_sequences() const { return static_cast<int>(slots_.size()); }
+  int open_sequences() const { return max_sequences() - static_cast<int>(free_slots_.size()); }
+
+  // ---- sequences ----
+
+  bool can_open() const { return !free_slots_.empty(); }
+
+  // Starts an empty sequence. Throws Error{capacity_exceeded} when every slot is taken.
+  SeqId open() {
+    if (free_slots_.empty())
+      detail::fail(errc::capacity_exceeded, "open(): all ", max_sequences(),
+                   " sequence slots are in use; release a sequence or raise max_sequences");
+    const int slot = free_slots_.back();
+    free_slots_.pop_back();
+    book_.open(slot);
+    SlotState& state = slots_[static_cast<std::size_t>(slot)];
+    state.open = true;
+    state.reserved = 0;
+    return {static_cast<std::uint32_t>(slot), state.generation};
+  }
+
+  bool contains(SeqId seq) const {
+    return seq.slot < slots_.size() && slots_[seq.slot].open &&
+           slots_[seq.slot].generation == seq.generation;
+  }
+
+  // Ends a sequence and returns its memory. The handle becomes stale.
+  void release(SeqId seq) {
+    const int slot = slot_of(seq, "release");
+    book_.release(slot);
+    SlotState& state = slots_[static_cast<std::size_t>(slot)];
+    state.open = false;
+    state.reserved = 0;
+    ++state.generation;
+    for (int layer = 0; layer < shape_.layers; ++layer) layer_state(slot, layer) = {};
+    free_slots_.push_back(slot);
+  }
+
+  // Positions every layer of seq holds.
+  int length(SeqId seq) const {
+    const int slot = slot_of(seq, "length");
+    return min_length(slot);
+  }
+
+  // Positions layer `layer` of seq holds.
+  int length(SeqId seq, int layer) const {
+    const int slot = slot_of(seq, "length");
+    check_layer(layer, "length");
+    return layer_state(slot, layer).length;
+  }
+
+  // Positions seq may hold without another reserve().
+  int reserved(SeqId seq) const { return slots_[static_cast<std::size_t>(slot_of(seq, "reserved"))].reserved; }
+
+  // Whether reserve(seq, tokens) would succeed.
+  bool can_reserve(SeqId seq, int tokens) const {
+    const int slot = slot_of(seq, "can_reserve");
+    if (tokens < 0) return false;
+    const long long target = static_cast<long long>(max_length(slot)) + tokens;
+    if (target > layout_.max_tokens_per_sequence()) return false;
+    return target <= slots_[static_cast<std::size_t>(slot)].reserved ||
+           book_.can_reserve(slot, min_length(slot), static_cast<int>(target));
+  }
+
+  // Makes room for `tokens` positions after the longest layer of seq; appends up to that many
+  // need no further call. Throws Error{capacity_exceeded} (and changes nothing) when there is
+  // no room; can_reserve asks first.
+  void reserve(SeqId seq, int tokens) {
+    const int slot = slot_of(seq, "reserve");
+    if (tokens < 0)
+      detail::fail(errc::out_of_range, "reserve(", seq, ", ", tokens, "): tokens must be >= 0");
+    SlotState& state = slots_[static_cast<std::size_t>(slot)];
+    const long long target = static_cast<long long>(max_length(slot)) + tokens;
+    if (target <= state.reserved) return;
+    if (target > layout_.max_tokens_per_sequence())
+      detail::fail(errc::capacity_exceeded, "reserve(", seq, ", ", tokens, ") needs ", target,
+                   " positions, but a sequence holds at most ",
+                   layout_.max_tokens_per_sequence(), " in this ", Layout::name, " cache");
+    if (!book_.can_reserve(slot, min_length(slot), static_cast<int>(target)))
+      detail::fail(errc::capacity_exceeded, "reserve(", seq, ", ", tokens, ") needs room for ",
+                   target, " positions, but only ", layout_.page_count() - book_.pages_in_use(),
+                   " of ", layout_.page_count(), " ", Layout::name,
+                   " pages are free; release or preempt a sequence");
+    book_.reserve(slot, min_length(slot), static_cast<int>(target), copier());
+    state.reserved = static_cast<int>(target);
+  }
+
+  // Writes the K and V of n new tokens of layer `layer` at positions [length(seq, layer), +n).
+  // k and v are [n][kv_heads][head_dim], of float, Eigen::half or Eigen::bfloat16; they are
+  // converted to DType (round to nearest even). @pre reserve() made room for them.
+  template <class In>
+  void append(int layer, SeqId seq, std::span<const In> k, std::span<const In> v) {
+    const int slot = slot_of(seq, "append");
+    check_layer(layer, "append");
+    const std::size_t row = static_cast<std::size_t>(shape_.kv_heads) * shape_.head_dim;
+    if (k.size() != v.size() || k.size() % row != 0)
+      detail::fail(errc::shape_mismatch, "append(layer ", layer, ", ", seq, "): k has ",
+                   k.size(), " and v ", v.size(), " elements; both must be n * kv_heads * head_dim = n * ",
+                   row);
+    const int n = static_cast<int>(k.size() / row);
+    LayerState& state = layer_state(slot, layer);
+    const int reserved = slots_[static_cast<std::size_t>(slot)].reserved;
+    if (static_cast<long long>(state.length) + n > reserved)
+      detail::fail(errc::capacity_exceeded, "append(layer ", layer, ", ", seq, ") of ", n,
+                   " tokens would hold ", static_cast<long long>(state.length) + n,
+                   " positions, but only ", reserved, " are reserved; call reserve(seq, ", n,
+                   ") first");
+
+    storage_type* k_pool = pool(layer, 0);
+    storage_type* v_pool = pool(layer, 1);
+    for (int token = 0; token < n; ++token) {
+      const PageRow at = book_.locate(slot, state.length + token);
+      for (int head = 0; head < shape_.kv_heads; ++head) {
+        const std::size_t source = (static_cast<std::size_t>(token) * shape_.kv_heads + head) * shape_.head_dim;
+        const std::size_t target = row_offset(at.page, head, at.row);
+        for (int d = 0; d < shape_.head_dim; ++d) {
+          k_pool[target + d] = DType::from_float(to_float(k[source + d]));
+          v_pool[target + d] = DType::from_float(to_float(v[source + d]));
+        }
+      }
+    }
+    state.length += n;
+    if (retention_.ring_tokens > 0)
+      state.first_held = std::max(state.first_held, state.length - retention_.ring_tokens);
+  }
+
+  // Shortens every layer of seq to `length` positions (speculative-decoding rollback) and drops
+  // its reservation beyond them. Throws Error{out_of_range} if length > length(seq), and, for a
+  // sliding window, Error{position_overwritten} if attention at the new length would need a
+  // position the ring has already reused.
+  void truncate(SeqId seq, int length) {
+    const int slot = slot_of(seq, "truncate");
+    const int current = min_length(slot);
+    if (length < 0 || length > current)
+      detail::fail(errc::out_of_range, "truncate(", seq, ", ", length, "): the new length must be in [0, ",
+                   current, "], the positions every layer holds");
+    if (retention_.ring_tokens > 0) {
+      const int needed = std::max(retention_.sink_tokens, length - retention_.window);
+      for (int layer = 0; layer < shape_.layers; ++layer) {
+        const LayerState& state = layer_state(slot, layer);
+        if (state.first_held > needed)
+          detail::fail(errc::position_overwritten, "truncate(", seq, ", ", length,
+                       ") needs position ", needed, " for a window of ", retention_.window,
+                       ", but layer ", layer, " at length ", state.length,
+                       " only holds positions from ", state.first_held,
+                       "; a sliding window rolls back at most slack_tokens = ",
+                       retention_.ring_tokens - retention_.window, " positions");
+      }
+    }
+    book_.truncate(slot, length);
+    for (int layer = 0; layer < shape_.layers; ++layer) layer_state(slot, layer).length = length;
+    slots_[static_cast<std::size_t>(slot)].reserved = length;
+  }
+
+  // A new sequence with the same positions as seq (beam search, parallel sampling). Paged
+  // storage shares blocks and copies a block only when one of the two first writes to it;
+  // the other policies copy the rows. Afterwards neither sequence has a reservation beyond its
+  // length: call reserve() before the next append. Throws Error{capacity_exceeded} without a
+  // free slot and Error{out_of_range} if seq's layers have different lengths (mid-step).
+  SeqId fork(SeqId seq) {
+    const int from = slot_of(seq, "fork");
+    const int length = min_length(from);
+    if (length != max_length(from))
+      detail::fail(errc::out_of_range, "fork(", seq, "): its layers hold between ", length,
+                   " and ", max_length(from),
+                   " positions; fork between steps, when every layer holds the same");
+    if (free_slots_.empty() || !book_.can_fork(from))
+      detail::fail(errc::capacity_exceeded, "fork(", seq, "): all ", max_sequences(),
+                   " sequence slots are in use; release a sequence or raise max_sequences");
+    const SeqId child = open();
+    const int to = static_cast<int>(child.slot);
+    book_.fork(from, to, length, copier());
+    for (int layer = 0; layer < shape_.layers; ++layer)
+      layer_state(to, layer) = layer_state(from, layer);
+    slots_[static_cast<std::size_t>(from)].reserved = length;
+    slots_[static_cast<std::size_t>(to)].reserved = length;
+    return child;
+  }
+
+  // The segments of one layer of seq, for attention kernels. Valid until the next call that
+  // changes seq (append, reserve, truncate, release).
+  view_type view(int layer, SeqId seq) const {
+    const int slot = slot_of(seq, "view");
+    check_layer(layer, "view");
+    const LayerState& state = layer_state(slot, layer);
+    view_type view;
+    view.kv_heads = shape_.kv_heads;
+    view.head_dim = shape_.head_dim;
+    view.length = state.length;
+    view.window = retention_.window;
+    view.sink_tokens = retention_.sink_tokens;
+    view.first_held = retention_.ring_tokens > 0 ? std::max(state.first_held, retention_.sink_tokens) : 0;
+    book_.segments(slot, state.length, view.first_held, pool(layer, 0), pool(layer, 1), view);
+    return view;
+  }
+
+  // Memory accounting. Uses the longest layer of each sequence. Allocates a little scratch
+  // (not for the decode loop).
+  MemoryStats stats() const {
+    const std::size_t per_token = bytes_per_token<DType>(shape_);
+    std::vector<int> held(slots_.size(), 0);
+    for (std::size_t slot = 0; slot < slots_.size(); ++slot)
+      if (slots_[slot].open) held[slot] = held_positions(static_cast<int>(slot));
+    MemoryStats stats;
+    stats.bytes_capacity = bytes_capacity_;
+    stats.bytes_reserved = static_cast<std::size_t>(book_.pages_in_use()) * layout_.page_tokens() * per_token;
+    stats.bytes_used = book_.rows_holding_tokens(held) * per_token;
+    return stats;
+  }
+
+ private:
+  struct SlotState {
+    bool open = false;
+    std::uint32_t generation = 0;
+    int reserved = 0;  // positions that appends may fill without another reserve()
+  };
+  struct LayerState {
+    int length = 0;      // positions [0, length) appended to this layer
+    int first_held = 0;  // sliding window: positions in [sinks, first_held) were overwritten
+  };
+
+  static const ModelShape& validated(const ModelShape& shape, const Layout& layout) {
+    shape.validate();
+    layout.validate();
+    const long double elements = static_cast<long double>(shape.layers) * 2 * layout.page_count() *
+                                 shape.kv_heads * layout.page_tokens() * shape.head_dim;
+    if (elements * sizeof(storage_type) > static_cast<long double>(SIZE_MAX) / 2)
+      detail::fail(errc::invalid_configuration, "the ", Layout::name, " cache would need ",
+                   elements * sizeof(storage_type), " bytes");
+    return shape;
+  }
+
+  int slot_of(SeqId seq, const char* operation) const {
+    if (!contains(seq))
+      detail::fail(errc::unknown_sequence, operation, "(", seq, "): no such open sequence (",
+                   seq.slot < slots_.size() ? "its slot was released" : "slot out of range",
+                   "; this cache has ", open_sequences(), " open of ", max_sequences(), ")");
+    return static_cast<int>(seq.slot);
+  }
+
+  void check_layer(int layer, const char* operation) const {
+    if (layer < 0 || layer >= shape_.layers)
+      detail::fail(errc::out_of_range, operation, "(layer ", layer, "): layers are [0, ",
+                   shape_.layers, ")");
+  }
+
+  LayerState& layer_state(int slot, int layer) {
+    return layer_state_[static_cast<std::size_t>(slot) * shape_.layers + layer];
+  }
+  const LayerState& layer_state(int slot, int layer) const {
+    return layer_state_[static_cast<std::size_t>(slot) * shape_.layers + layer];
+  }
+
+  int min_length(int slot) const {
+    int length = INT_MAX;
+    for (int layer = 0; layer < shape_.layers; ++layer) length = std::min(length, layer_state(slot, layer).length);
+    return length;
+  }
+  int max_length(int slot) const {
+    int length = 0;
+    for (int layer = 0; layer < shape_.layers; ++layer) length = std::max(length, layer_state(slot, layer).length);
+    return length;
+  }
+
+  // Positions stored for slot in its longest layer (sinks plus the held ring for a window).
+  int held_positions(int slot) const {
+    int longest = 0;
+    for (int layer = 1; layer < shape_.layers; ++layer)
+      if (layer_state(slot, layer).length > layer_state(slot, longest).length) longest = layer;
+    const LayerState& state = layer_state(slot, longest);
+    if (retention_.ring_tokens == 0) return state.length;
+    const int sinks = std::min(state.length, retention_.sink_tokens);
+    return sinks + state.length - std::max(state.first_held, sinks);
+  }
+
+  // kind 0: K, 1: V. [page_count][kv_heads][page_tokens][head_dim]
+  storage_type* pool(int layer, int kind) const {
+    return memory_.get() + (static_cast<std::size_t>(layer) * 2 + kind) * pool_elements_;
+  }
+  std::size_t row_offset(int page, int head, int row) const {
+    return ((static_cast<std::size_t>(page) * shape_.kv_heads + head) * layout_.page_tokens() + row) *
+           shape_.head_dim;
+  }
+
+  PageCopier copier() { return {this, &copy_rows}; }
+  static void copy_rows(void* context, int from, int to, int rows) {
+    auto& cache = *static_cast<KVCache*>(context);
+    const std::size_t bytes = static_cast<std::size_t>(rows) * cache.shape_.head_dim * sizeof(storage_type);
+    for (int layer = 0; layer < cache.shape_.layers; ++layer)
+      for (int kind = 0; kind < 2; ++kind)
+        for (int head = 0; head < cache.shape_.kv_heads; ++head)
+          B::copy(cache.pool(layer, kind) + cache.row_offset(to, head, 0),
+                  cache.pool(layer, kind) + cache.row_offset(from, head, 0), bytes);
+  }
+
+  ModelShape shape_;
+  Layout layout_;
+  typename Layout::bookkeeping book_;
+  Retention retention_;
+  std::size_t pool_elements_;  // elements of one layer's K (or V) pool
+  std::size_t bytes_capacity_;
+  struct Release {
+    std::size_t bytes;
+    void operator()(storage_type* memory) const noexcept { B::deallocate(memory, bytes); }
+  };
+  std::unique_ptr<storage_type, Release> memory_;  // [layers][K, V][page_count][kv_heads][page_tokens][head_dim]
+  std::vector<SlotState> slots_;         // [max_sequences]
+  std::vector<LayerState> layer_state_;  // [max_sequences][layers]
+  std::vector<int> free_slots_;          // stack of closed slots, lowest on top
+};
+
+KVCACHE_END_NAMESPACE

@@ -1,0 +1,33 @@
+// Library-wide configuration: version, ABI namespace, host/device annotation, assertions.
+//
+// Every macro here can be defined by the user before the first kvcache include; the definition
+// given wins. Tests redefine KVCACHE_ASSERT to throw so that every precondition is testable.
+#pragma once
+
+#define KVCACHE_VERSION_MAJOR 0
+#define KVCACHE_VERSION_MINOR 1
+#define KVCACHE_VERSION_PATCH 0
+
+// Two engines linking different kvcache versions fail to link instead of mixing layouts.
+#define KVCACHE_BEGIN_NAMESPACE \
+  namespace kvcache {           \
+  inline namespace v0 {
+#define KVCACHE_END_NAMESPACE \
+  }                           \
+  }
+
+// Shared index math, views, conversions and softmax state are compiled by g++ and nvcc alike.
+#ifndef KVCACHE_HOST_DEVICE
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KVCACHE_HOST_DEVICE __host__ __device__ inline
+#else
+#define KVCACHE_HOST_DEVICE inline
+#endif
+#endif
+
+// Internal invariant checks on hot paths. Public-API validation throws kvcache::Error instead;
+// this is for "cannot happen unless kvcache has a bug or a caller broke a documented @pre".
+#ifndef KVCACHE_ASSERT
+#include <cassert>
+#define KVCACHE_ASSERT(condition, message) assert((condition) && (message))
+#endif

@@ -1,0 +1,28 @@
+// kvcache: a header-only KV cache for LLM inference engines. Include this header.
+#pragma once
+
+#include "config.hpp"
+#include "error.hpp"
+#include "sequence.hpp"
+#include "shape.hpp"
+#include "stats.hpp"
+#include "view.hpp"
+
+#include "dtype/concept.hpp"
+#include "dtype/float.hpp"
+
+#include "storage/block_pool.hpp"
+#include "storage/block_table.hpp"
+#include "storage/concept.hpp"
+#include "storage/contiguous.hpp"
+#include "storage/paged.hpp"
+#include "storage/sliding_window.hpp"
+
+#include "backend/concept.hpp"
+#include "backend/cpu.hpp"
+
+#include "cache.hpp"
+
+#include "attention/attention.hpp"
+#include "attention/online_softmax.hpp"
+#include "attention/params.hpp"

@@ -1,0 +1,82 @@
+// Contiguous: `max_sequences` preallocated slots of `max_tokens` positions each.
+//
+// The classic static cache: one segment per sequence, the fastest to read; a sequence wastes
+// whatever part of its slot it does not use.
+#pragma once
+
+#include <climits>
+#include <cstddef>
+#include <span>
+#include <vector>
+
+#include "../error.hpp"
+#include "concept.hpp"
+
+KVCACHE_BEGIN_NAMESPACE
+
+struct Contiguous {
+  static constexpr const char* name = "contiguous";
+
+  int max_sequences = 0;
+  int max_tokens = 0;
+
+  void validate() const {
+    if (max_sequences <= 0)
+      detail::fail(errc::invalid_configuration, "Contiguous::max_sequences = ", max_sequences,
+                   " must be > 0");
+    if (max_tokens <= 0)
+      detail::fail(errc::invalid_configuration, "Contiguous::max_tokens = ", max_tokens,
+                   " must be > 0");
+  }
+
+  int sequence_slots() const { return max_sequences; }
+  int page_count() const { return max_sequences; }
+  int page_tokens() const { return max_tokens; }
+  Retention retention() const { return {}; }
+  int max_tokens_per_sequence() const { return max_tokens; }
+
+  // Host bookkeeping: slot s is page s, position p is row p.
+  class bookkeeping {
+   public:
+    explicit bookkeeping(const Contiguous& policy)
+        : max_tokens_(policy.max_tokens), open_(static_cast<std::size_t>(policy.max_sequences)) {}
+
+    bool can_reserve(int, int, int tokens) const { return tokens <= max_tokens_; }
+    void open(int slot) { open_[slot] = true; }
+    void reserve(int, int, int, PageCopier) {}
+    void release(int slot) { open_[slot] = false; }
+    bool can_fork(int) const { return true; }
+    void fork(int from, int to, int tokens, PageCopier copy) {
+      open_[to] = true;
+      copy(from, to, tokens);
+    }
+    void truncate(int, int) {}
+    PageRow locate(int slot, int position) const { return {slot, position}; }
+    int pages_in_use() const {
+      int in_use = 0;
+      for (bool open : open_) in_use += open;
+      return in_use;
+    }
+
+    std::size_t rows_holding_tokens(std::span<const int> held) const {
+      std::size_t total = 0;
+      for (int rows : held) total += static_cast<std::size_t>(rows);
+      return total;
+    }
+
+    template <class Storage>
+    void segments(int slot, int length, int, const Storage* k_pool, const Storage* v_pool,
+                  SequenceView<Storage>& view) const {
+      const std::size_t head_stride = static_cast<std::size_t>(max_tokens_) * view.head_dim;
+      const std::size_t offset = static_cast<std::size_t>(slot) * view.kv_heads * head_stride;
+      view.direct[0] = {k_pool + offset, v_pool + offset, head_stride, 0, length};
+      view.direct_count = length > 0 ? 1 : 0;
+    }
+
+   private:
+    int max_tokens_;
+    std::vector<bool> open_;  // [max_sequences] slot holds a sequence
+  };
+};
+
+KVCACHE_END_NAMESPACE

@@ -1,0 +1,76 @@
+// Views: what attention kernels read. They own nothing and are trivially copyable.
+//
+// A sequence's keys and values are a short list of segments, each a run of consecutive
+// positions stored in the head-major layout [kv_head][token][head_dim] (token stride head_dim,
+// kv-head stride `head_stride`). Contiguous storage gives one segment, a sliding window up to
+// three (sinks, older part of the ring, newer part), paged storage one per block. Softmax
+// attention does not depend on key order, so kernels visit segments in memory order and use the
+// positions only for the causal and window masks.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "config.hpp"
+
+KVCACHE_BEGIN_NAMESPACE
+
+template <class Storage>
+struct Segment {
+  const Storage* k = nullptr;     // [kv_heads][count][head_dim], kv-head stride head_stride
+  const Storage* v = nullptr;     // same layout as k
+  std::size_t head_stride = 0;    // elements from one kv-head's rows to the next
+  int first_position = 0;         // position of row 0
+  int count = 0;                  // rows, consecutive positions
+};
+
+template <class Storage>
+struct SequenceView {
+  // Segments stored explicitly (contiguous and sliding-window storage), in memory order.
+  static constexpr int max_direct_segments = 3;
+  Segment<Storage> direct[max_direct_segments] = {};
+  int direct_count = 0;
+
+  // Paged storage: block i holds positions [i * block_tokens, (i + 1) * block_tokens).
+  const Storage* k_pool = nullptr;        // [num_blocks][kv_heads][block_tokens][head_dim]
+  const Storage* v_pool = nullptr;        // same layout as k_pool
+  const std::int32_t* block_ids = nullptr;  // [block_count] block of each run of positions
+  int block_count = 0;
+  int block_tokens = 0;
+
+  int kv_heads = 0;
+  int head_dim = 0;
+  int length = 0;        // the sequence holds positions [0, length) (some may be evicted)
+  // Masks: a query at position p sees keys at positions <= p; with window > 0 only those in
+  // (p - window, p] and the sinks [0, sink_tokens).
+  int window = 0;
+  int sink_tokens = 0;
+  int first_held = 0;    // positions in [sink_tokens, first_held) are no longer stored
+
+  KVCACHE_HOST_DEVICE int segment_count() const { return direct_count + block_count; }
+
+  // @pre 0 <= i < segment_count()
+  KVCACHE_HOST_DEVICE Segment<Storage> segment(int i) const {
+    if (i < direct_count) return direct[i];
+    const int block = i - direct_count;
+    const std::size_t head_stride = static_cast<std::size_t>(block_tokens) * head_dim;
+    const std::size_t offset =
+        static_cast<std::size_t>(block_ids[block]) * kv_heads * head_stride;
+    const int first = block * block_tokens;
+    const int count = length - first < block_tokens ? length - first : block_tokens;
+    return {k_pool + offset, v_pool + offset, head_stride, first, count};
+  }
+
+  // The first non-sink position that a query at `query` sees.
+  KVCACHE_HOST_DEVICE int first_needed(int query) const {
+    if (window == 0) return 0;
+    const int start = query - window + 1;
+    return start > sink_tokens ? start : sink_tokens;
+  }
+};
+
+static_assert(std::is_trivially_copyable_v<Segment<float>>);
+static_assert(std::is_trivially_copyable_v<SequenceView<float>>);
+
+KVCACHE_END_NAMESPACE
