@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <span>
 #include <utility>
 #include <vector>
@@ -59,7 +60,7 @@ class KVCache {
                        layout.page_tokens() * shape.head_dim),
         bytes_capacity_(bytes_for_tokens<DType>(
             shape, static_cast<std::size_t>(layout.page_count()) * layout.page_tokens())),
-        memory_(static_cast<storage_type*>(B::allocate(bytes_capacity_)), Release{bytes_capacity_}),
+        memory_(allocate(bytes_capacity_), Release{bytes_capacity_}),
         slots_(static_cast<std::size_t>(layout.sequence_slots())),
         layer_state_(static_cast<std::size_t>(layout.sequence_slots()) * shape.layers) {
     static_assert(sizeof(storage_type) * 8 == DType::bits, "one storage unit per element");
@@ -307,6 +308,15 @@ class KVCache {
       detail::fail(errc::invalid_configuration, "the ", Layout::name, " cache would need ",
                    elements * sizeof(storage_type), " bytes");
     return shape;
+  }
+
+  static storage_type* allocate(std::size_t bytes) {
+    try {
+      return static_cast<storage_type*>(B::allocate(bytes));
+    } catch (const std::bad_alloc&) {
+      detail::fail(errc::capacity_exceeded, "the ", Layout::name, " cache could not allocate ",
+                   bytes, " bytes on backend ", B::name, "; use a smaller policy or byte budget");
+    }
   }
 
   int slot_of(SeqId seq, const char* operation) const {

@@ -47,7 +47,7 @@ void attend_group(const SequenceView<Storage>& view, int kv_head, int query, con
 
   // Visible keys: [0, sinks_end) and [recent_begin, query], both clipped to each segment.
   const int recent_begin = view.first_needed(query);
-  const int sinks_end = view.window == 0 ? 0 : std::min(view.sink_tokens, recent_begin);
+  const int sinks_end = view.window == 0 ? 0 : std::min({view.sink_tokens, recent_begin, query + 1});
 
   auto run_rows = [&](const Segment<Storage>& segment, int begin, int end) {
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;

@@ -1,0 +1,6 @@
+# Warnings for the project's own targets (tests, benchmarks, examples), never for consumers.
+add_library(kvcache_warnings INTERFACE)
+if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_compile_options(kvcache_warnings INTERFACE
+    $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion>)
+endif()

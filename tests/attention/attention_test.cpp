@@ -1,0 +1,224 @@
+// Attention over every storage policy, element type and head layout equals the naive fp64
+// oracle: chunked prefill, decode, ragged batches, soft-cap, large logits.
+#include <kvcache/attention/attention.hpp>
+
+#include "../support/oracle.hpp"
+
+namespace kvcache::testing {
+namespace {
+
+// Bounds on relative_error() against the oracle run on the original float K/V, i.e. including
+// the rounding of K/V to the storage type (unit roundoff: f16 2^-11, bf16 2^-8).
+template <class DType>
+constexpr double storage_bound = 1e-5;
+template <>
+constexpr double storage_bound<f16> = 4e-3;
+template <>
+constexpr double storage_bound<bf16> = 3e-2;
+
+// The kernel itself: against the oracle run on the K/V values as stored.
+constexpr double kernel_bound = 1e-5;
+
+struct Heads {
+  const char* name;
+  int q_heads;
+  int kv_heads;
+};
+// MHA; GQA with 4 groups of 4; MQA with more heads than one kernel pass takes (8).
+constexpr Heads head_layouts[] = {{"MHA", 4, 4}, {"GQA", 16, 4}, {"MQA", 12, 1}};
+constexpr int head_dims[] = {24, 64};  // a generic size and a fast path
+
+template <class C>
+class AttentionTest : public ::testing::Test {};
+TYPED_TEST_SUITE(AttentionTest, AllConfigs, ConfigName);
+
+// Appends `total` positions to one sequence in random chunks (at most 9, what the window's
+// slack allows), checking chunked prefill of every chunk in both layers, then decodes
+// `decode_steps` more positions one by one.
+template <class C>
+void check_sequence(const ModelShape& shape, std::mt19937& rng, int total) {
+  using Cache = KVCache<typename C::Layout, typename C::DType>;
+  const auto layout = make_layout<typename C::Layout>();
+  Cache cache(shape, layout);
+  const Mask mask = mask_of(layout);
+  const SeqId seq = cache.open();
+  const std::size_t kv_row = static_cast<std::size_t>(shape.kv_heads) * shape.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(shape.q_heads) * shape.head_dim;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(shape.head_dim));
+
+  std::vector<Rows> k(shape.layers), v(shape.layers);
+  std::uniform_int_distribution<int> chunk_size(1, 9);
+  for (int length = 0; length < total;) {
+    const int n = std::min(total - length, chunk_size(rng));
+    cache.reserve(seq, n);
+    for (int layer = 0; layer < shape.layers; ++layer) {
+      const auto new_k = random_values(rng, n * kv_row), new_v = random_values(rng, n * kv_row);
+      cache.append(layer, seq, std::span<const float>(new_k), std::span<const float>(new_v));
+      k[layer].insert(k[layer].end(), new_k.begin(), new_k.end());
+      v[layer].insert(v[layer].end(), new_v.begin(), new_v.end());
+
+      const auto q = random_values(rng, n * q_row);
+      std::vector<float> out(q.size());
+      attention::prefill(cache, layer, seq, std::span<const float>(q), std::span<float>(out));
+
+      const auto exact = oracle_attention(shape, k[layer], v[layer], length + n, q, n, mask, scale);
+      const auto as_stored = oracle_attention(shape, rounded<typename C::DType>(k[layer]),
+                                              rounded<typename C::DType>(v[layer]), length + n, q,
+                                              n, mask, scale);
+      ASSERT_LE(relative_error(out, as_stored), kernel_bound) << "length " << length + n;
+      ASSERT_LE(relative_error(out, exact), storage_bound<typename C::DType>)
+          << "length " << length + n;
+    }
+    length += n;
+  }
+}
+
+TYPED_TEST(AttentionTest, ChunkedPrefillMatchesOracle) {
+  std::mt19937 rng(7);
+  for (const Heads& heads : head_layouts)
+    for (int head_dim : head_dims) {
+      SCOPED_TRACE(std::string(heads.name) + " head_dim " + std::to_string(head_dim));
+      // 70 positions: 5 blocks of 16 (the last partial), 3+ wraps of the window's ring.
+      check_sequence<TypeParam>({2, heads.q_heads, heads.kv_heads, head_dim}, rng, 70);
+    }
+}
+
+// One decode call over a batch of sequences of different lengths, including lengths on both
+// sides of the block and window edges.
+TYPED_TEST(AttentionTest, RaggedBatchDecodeMatchesOracle) {
+  using C = TypeParam;
+  std::mt19937 rng(11);
+  const int lengths[] = {1, 15, 16, 17, 23, 64};
+  for (const Heads& heads : head_layouts) {
+    const ModelShape shape{1, heads.q_heads, heads.kv_heads, 64};
+    const auto layout = make_layout<typename C::Layout>();
+    KVCache<typename C::Layout, typename C::DType> cache(shape, layout);
+    const std::size_t kv_row = static_cast<std::size_t>(shape.kv_heads) * shape.head_dim;
+    const std::size_t q_row = static_cast<std::size_t>(shape.q_heads) * shape.head_dim;
+    std::vector<SeqId> seqs;
+    std::vector<Rows> k, v;
+    for (int length : lengths) {
+      const SeqId seq = cache.open();
+      seqs.push_back(seq);
+      k.push_back(random_values(rng, length * kv_row));
+      v.push_back(random_values(rng, length * kv_row));
+      cache.reserve(seq, length);
+      cache.append(0, seq, std::span<const float>(k.back()), std::span<const float>(v.back()));
+    }
+    const auto q = random_values(rng, seqs.size() * q_row);
+    std::vector<float> out(q.size());
+    attention::decode(cache, 0, std::span<const SeqId>(seqs), std::span<const float>(q),
+                      std::span<float>(out));
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const std::vector<float> q_i(q.begin() + i * q_row, q.begin() + (i + 1) * q_row);
+      const std::vector<float> out_i(out.begin() + i * q_row, out.begin() + (i + 1) * q_row);
+      const auto expected = oracle_attention(shape, rounded<typename C::DType>(k[i]),
+                                             rounded<typename C::DType>(v[i]), lengths[i], q_i, 1,
+                                             mask_of(layout), 1.0 / 8.0);
+      EXPECT_LE(relative_error(out_i, expected), kernel_bound)
+          << heads.name << " length " << lengths[i];
+    }
+  }
+}
+
+TEST(Attention, SoftCapAndLargeLogitsStayExact) {
+  std::mt19937 rng(3);
+  const ModelShape shape{1, 8, 2, 64};
+  KVCache<Paged<16>, f32> cache(shape, {.num_blocks = 8});
+  const SeqId seq = cache.open();
+  const int length = 50;
+  // Logits around +-1e4: a softmax without the running max overflows exp().
+  const auto k = random_values(rng, length * 2 * 64, 30.0f);
+  const auto v = random_values(rng, length * 2 * 64);
+  const auto q = random_values(rng, 8 * 64, 30.0f);
+  cache.reserve(seq, length);
+  cache.append(0, seq, std::span<const float>(k), std::span<const float>(v));
+  for (float soft_cap : {0.0f, 50.0f}) {
+    std::vector<float> out(q.size());
+    const AttentionParams params{.scale = 1.0f, .soft_cap = soft_cap};
+    attention::decode(cache, 0, std::span<const SeqId>(&seq, 1), std::span<const float>(q),
+                      std::span<float>(out), params);
+    for (float value : out) ASSERT_TRUE(std::isfinite(value));
+    const auto expected = oracle_attention(shape, k, v, length, q, 1, {}, 1.0, soft_cap);
+    EXPECT_LE(relative_error(out, expected), kernel_bound) << "soft_cap " << soft_cap;
+  }
+}
+
+TEST(Attention, HalfPrecisionQueriesAndOutputs) {
+  std::mt19937 rng(5);
+  const ModelShape shape{1, 4, 2, 32};
+  KVCache<Contiguous, bf16> cache(shape, {.max_sequences = 1, .max_tokens = 40});
+  const SeqId seq = cache.open();
+  const auto k = random_values(rng, 40 * 64), v = random_values(rng, 40 * 64);
+  std::vector<Eigen::half> q(4 * 32 * 3);
+  std::vector<float> q_float(q.size());
+  for (std::size_t i = 0; i < q.size(); ++i) q_float[i] = static_cast<float>(q[i] = Eigen::half(std::normal_distribution<float>()(rng)));
+  cache.reserve(seq, 40);
+  cache.append(0, seq, std::span<const float>(k), std::span<const float>(v));
+  std::vector<Eigen::bfloat16> out(q.size());
+  attention::prefill(cache, 0, seq, std::span<const Eigen::half>(q), std::span<Eigen::bfloat16>(out));
+  const auto expected = oracle_attention(shape, rounded<bf16>(k), rounded<bf16>(v), 40, q_float, 3,
+                                         {}, 1.0 / std::sqrt(32.0));
+  EXPECT_LE(relative_error(out, expected), 4e-3);  // the output's bf16 rounding
+}
+
+TEST(Attention, BadInputThrowsTypedErrors) {
+  const ModelShape shape{1, 4, 2, 8};
+  KVCache<SlidingWindow, f32> cache(shape, {.max_sequences = 2, .window = 4, .slack_tokens = 1});
+  const SeqId seq = cache.open();
+  std::vector<float> q(4 * 8), out(4 * 8);
+  // No position appended yet: nothing for the query to attend.
+  EXPECT_THROW(attention::decode(cache, 0, std::span<const SeqId>(&seq, 1),
+                                 std::span<const float>(q), std::span<float>(out)),
+               Error);
+  cache.reserve(seq, 8);
+  const std::vector<float> kv(8 * 2 * 8, 1.0f);
+  cache.append(0, seq, std::span<const float>(kv), std::span<const float>(kv));
+  std::vector<float> wrong(3);
+  try {
+    attention::decode(cache, 0, std::span<const SeqId>(&seq, 1), std::span<const float>(wrong),
+                      std::span<float>(out));
+    FAIL() << "a query of the wrong size was accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), errc::shape_mismatch);
+    EXPECT_NE(std::string(error.what()).find("q has 3"), std::string::npos) << error.what();
+  }
+  // A chunk of 3 queries needs positions the ring (4 + 1 slack) no longer holds.
+  std::vector<float> q3(3 * 4 * 8), out3(q3.size());
+  try {
+    attention::prefill(cache, 0, seq, std::span<const float>(q3), std::span<float>(out3));
+    FAIL() << "a prefill chunk larger than the ring's slack was accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), errc::position_overwritten);
+  }
+  // Two queries fit the slack.
+  std::vector<float> q2(2 * 4 * 8), out2(q2.size());
+  EXPECT_NO_THROW(attention::prefill(cache, 0, seq, std::span<const float>(q2), std::span<float>(out2)));
+}
+
+TEST(OnlineSoftmax, MergeOfSplitsEqualsOnePass) {
+  std::mt19937 rng(9);
+  const auto scores = random_values(rng, 100, 20.0f);
+  attention::OnlineSoftmax whole, first, second;
+  auto add = [&](attention::OnlineSoftmax& state, int begin, int end) {
+    for (int i = begin; i < end; ++i) {
+      state.raise_max(scores[i]);
+      state.sum += std::exp(scores[i] - state.max);
+    }
+  };
+  add(whole, 0, 100);
+  add(first, 0, 40);
+  add(second, 40, 100);
+  float own = 0, other = 0;
+  first.merge(second, &own, &other);
+  EXPECT_EQ(first.max, whole.max);
+  EXPECT_NEAR(first.sum, whole.sum, 1e-5 * whole.sum);
+  attention::OnlineSoftmax empty;
+  empty.merge(whole, &own, &other);
+  EXPECT_EQ(own, 0.0f);
+  EXPECT_EQ(other, 1.0f);
+  EXPECT_EQ(empty.sum, whole.sum);
+}
+
+}  // namespace
+}  // namespace kvcache::testing

@@ -1,0 +1,136 @@
+// Test support: random data, the naive fp64 attention oracle, and the axes that typed tests run
+// over. The oracle is written from the definition of attention and shares no code with the
+// kernels.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <random>
+#include <vector>
+
+#include <kvcache/kvcache.hpp>
+
+namespace kvcache::testing {
+
+// K or V of one layer of one sequence: [position][kv_head][head_dim], as floats.
+using Rows = std::vector<float>;
+
+inline std::vector<float> random_values(std::mt19937& rng, std::size_t count, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> values(count);
+  for (float& value : values) value = normal(rng);
+  return values;
+}
+
+// What storing `value` as DType and reading it back gives.
+template <class DType>
+float round_trip(float value) {
+  return DType::to_float(DType::from_float(value));
+}
+
+template <class DType>
+std::vector<float> rounded(std::vector<float> values) {
+  for (float& value : values) value = round_trip<DType>(value);
+  return values;
+}
+
+struct Mask {
+  int window = 0;  // 0: none
+  int sink_tokens = 0;
+  bool visible(int key, int query) const {
+    if (key > query) return false;
+    if (window == 0) return true;
+    return key < sink_tokens || query - key < window;
+  }
+};
+
+// Attention output [queries][q_heads][head_dim] for queries at positions
+// [length - queries, length), from the full K/V rows of the sequence, accumulated in double.
+inline std::vector<double> oracle_attention(const ModelShape& shape, const Rows& k, const Rows& v,
+                                            int length, const std::vector<float>& q, int queries,
+                                            Mask mask, double scale, double soft_cap = 0.0) {
+  const int hd = shape.head_dim;
+  const int group = shape.q_heads / shape.kv_heads;
+  std::vector<double> out(static_cast<std::size_t>(queries) * shape.q_heads * hd, 0.0);
+  for (int i = 0; i < queries; ++i) {
+    const int position = length - queries + i;
+    for (int head = 0; head < shape.q_heads; ++head) {
+      const int kv_head = head / group;
+      const float* query = &q[(static_cast<std::size_t>(i) * shape.q_heads + head) * hd];
+      std::vector<double> logits;
+      std::vector<int> keys;
+      for (int key = 0; key < length; ++key) {
+        if (!mask.visible(key, position)) continue;
+        const float* key_row = &k[(static_cast<std::size_t>(key) * shape.kv_heads + kv_head) * hd];
+        double dot = 0.0;
+        for (int d = 0; d < hd; ++d) dot += static_cast<double>(query[d]) * key_row[d];
+        double logit = dot * scale;
+        if (soft_cap > 0.0) logit = soft_cap * std::tanh(logit / soft_cap);
+        logits.push_back(logit);
+        keys.push_back(key);
+      }
+      const double max = *std::max_element(logits.begin(), logits.end());
+      double sum = 0.0;
+      for (double& logit : logits) sum += (logit = std::exp(logit - max));
+      double* result = &out[(static_cast<std::size_t>(i) * shape.q_heads + head) * hd];
+      for (std::size_t j = 0; j < keys.size(); ++j) {
+        const float* value_row = &v[(static_cast<std::size_t>(keys[j]) * shape.kv_heads + kv_head) * hd];
+        for (int d = 0; d < hd; ++d) result[d] += logits[j] / sum * value_row[d];
+      }
+    }
+  }
+  return out;
+}
+
+// max |actual - expected| / max |expected|: the error relative to the output's magnitude.
+template <class T>
+double relative_error(const std::vector<T>& actual, const std::vector<double>& expected) {
+  double error = 0.0, magnitude = 0.0;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    error = std::max(error, std::abs(static_cast<double>(actual[i]) - expected[i]));
+    magnitude = std::max(magnitude, std::abs(expected[i]));
+  }
+  return error / std::max(magnitude, 1e-30);
+}
+
+// ---- the axes ----
+
+template <class Layout_, class DType_>
+struct Config {
+  using Layout = Layout_;
+  using DType = DType_;
+};
+
+template <class Layout>
+Layout make_layout();
+template <>
+inline Contiguous make_layout<Contiguous>() { return {.max_sequences = 6, .max_tokens = 96}; }
+template <>
+inline Paged<16> make_layout<Paged<16>>() { return {.num_blocks = 40, .max_sequences = 6}; }
+template <>
+inline SlidingWindow make_layout<SlidingWindow>() {
+  return {.max_sequences = 6, .window = 20, .sink_tokens = 3, .slack_tokens = 8};
+}
+
+template <class Layout>
+Mask mask_of(const Layout& layout) {
+  const Retention retention = layout.retention();
+  return {retention.window, retention.sink_tokens};
+}
+
+using AllConfigs = ::testing::Types<
+    Config<Contiguous, f32>, Config<Contiguous, f16>, Config<Contiguous, bf16>,
+    Config<Paged<16>, f32>, Config<Paged<16>, f16>, Config<Paged<16>, bf16>,
+    Config<SlidingWindow, f32>, Config<SlidingWindow, f16>, Config<SlidingWindow, bf16>>;
+
+struct ConfigName {
+  template <class C>
+  static std::string GetName(int) {
+    return std::string(C::Layout::name) + "_" + std::string(C::DType::name);
+  }
+};
+
+}  // namespace kvcache::testing
