@@ -1,0 +1,46 @@
+// Shared by the benchmarks: the Llama-3-8B layer shape and caches big enough to stream from
+// memory rather than from the last-level cache.
+#pragma once
+
+#include <kvcache/kvcache.hpp>
+
+#include <cstddef>
+#include <memory>
+#include <random>
+#include <vector>
+
+namespace kvcache::bench {
+
+// One layer of Llama-3-8B: 32 query heads, 8 kv-heads of 128 (GQA, groups of 4).
+inline constexpr int q_heads = 32;
+inline constexpr int kv_heads = 8;
+inline constexpr int head_dim = 128;
+
+// Decoding reads the K/V of every layer in turn, so each layer is cold when it is read. The
+// benchmarks cycle through enough layers to touch this many bytes, well past any L3.
+inline constexpr std::size_t streamed_bytes = std::size_t{512} << 20;
+
+inline std::vector<float> random_values(std::size_t count, unsigned seed = 1) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> values(count);
+  for (float& value : values) value = normal(rng);
+  return values;
+}
+
+template <class Layout>
+Layout policy_for(int tokens, int sequences = 1);
+template <>
+inline Contiguous policy_for<Contiguous>(int tokens, int sequences) {
+  return {.max_sequences = sequences, .max_tokens = tokens};
+}
+template <>
+inline Paged<16> policy_for<Paged<16>>(int tokens, int sequences) {
+  return {.num_blocks = sequences * Paged<16>::blocks_for(tokens), .max_sequences = sequences};
+}
+template <>
+inline SlidingWindow policy_for<SlidingWindow>(int tokens, int sequences) {
+  return {.max_sequences = sequences, .window = tokens, .sink_tokens = 4};
+}
+
+}  // namespace kvcache::bench

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The project's two commands, and the CI's sanitizer pass:
+#   cmake/dev.sh demo    build and run the quickstart example
+#   cmake/dev.sh test    build everything and run every test (ctest)
+#   cmake/dev.sh asan    the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   cmake/dev.sh bench   build and run the benchmarks (extra arguments go to Google Benchmark)
+# Missing Debian packages are installed when run as root; otherwise the apt-get line is printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command=${1:-}
+[ $# -gt 0 ] && shift
+packages=(cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev)
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
+    missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    echo "kvcache needs these Debian packages; run as root:" >&2
+    echo "  apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+jobs=$(nproc)
+build() {  # build PRESET [TARGET...]
+  local preset=$1
+  shift
+  cmake --preset "$preset" >/dev/null
+  if [ $# -gt 0 ]; then
+    cmake --build --preset "$preset" -j "$jobs" --target "$@"
+  else
+    cmake --build --preset "$preset" -j "$jobs"
+  fi
+}
+
+case "$command" in
+  demo)
+    build default quickstart
+    ./build/default/examples/quickstart
+    ;;
+  test)
+    build default
+    ctest --preset default -j "$jobs"
+    ;;
+  asan)
+    build asan
+    ctest --preset asan -j "$jobs"
+    ;;
+  bench)
+    build default kvcache_bench
+    ./build/default/benchmarks/kvcache_bench "$@"
+    ;;
+  *)
+    echo "usage: cmake/dev.sh demo | test | asan | bench [benchmark arguments]" >&2
+    exit 2
+    ;;
+esac
