@@ -29,10 +29,10 @@ int main() {
   cache.reserve(seq, prompt);
   for (int layer = 0; layer < shape.layers; ++layer) {
     const auto k = random(prompt * kv_per_token), v = random(prompt * kv_per_token);
-    cache.append(layer, seq, std::span<const float>(k), std::span<const float>(v));
+    cache.append(layer, seq, k, v);
     const auto q = random(prompt * q_per_token);
     std::vector<float> out(q.size());
-    attention::prefill(cache, layer, seq, std::span<const float>(q), std::span<float>(out));
+    attention::prefill(cache, layer, seq, q, out);
   }
 
   // Decode: one token per step.
@@ -42,9 +42,8 @@ int main() {
     cache.reserve(seq, 1);
     for (int layer = 0; layer < shape.layers; ++layer) {
       const auto k = random(kv_per_token), v = random(kv_per_token), q = random(q_per_token);
-      cache.append(layer, seq, std::span<const float>(k), std::span<const float>(v));
-      attention::decode(cache, layer, std::span<const SeqId>(&seq, 1), std::span<const float>(q),
-                        std::span<float>(out));
+      cache.append(layer, seq, k, v);
+      attention::decode(cache, layer, seq, q, out);
     }
     std::printf("step %d: length %d, out[0] = %+.4f\n", step, cache.length(seq), out[0]);
   }

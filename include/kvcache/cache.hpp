@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <new>
+#include <ranges>
 #include <span>
 #include <utility>
 #include <vector>
@@ -166,10 +167,15 @@ class KVCache {
   }
 
   // Writes the K and V of n new tokens of layer `layer` at positions [length(seq, layer), +n).
-  // k and v are [n][kv_heads][head_dim], of float, Eigen::half or Eigen::bfloat16; they are
-  // converted to DType (round to nearest even). @pre reserve() made room for them.
-  template <class In>
-  void append(int layer, SeqId seq, std::span<const In> k, std::span<const In> v) {
+  // k and v are contiguous ranges (std::vector, std::span, ...) of [n][kv_heads][head_dim]
+  // float, Eigen::half or Eigen::bfloat16; they are converted to DType (round to nearest even).
+  // @pre reserve() made room for them.
+  template <std::ranges::contiguous_range KRange, std::ranges::contiguous_range VRange>
+    requires std::same_as<std::ranges::range_value_t<KRange>, std::ranges::range_value_t<VRange>>
+  void append(int layer, SeqId seq, const KRange& k_range, const VRange& v_range) {
+    using In = std::ranges::range_value_t<KRange>;
+    const std::span<const In> k(std::ranges::data(k_range), std::ranges::size(k_range));
+    const std::span<const In> v(std::ranges::data(v_range), std::ranges::size(v_range));
     const int slot = slot_of(seq, "append");
     check_layer(layer, "append");
     const std::size_t row = static_cast<std::size_t>(shape_.kv_heads) * shape_.head_dim;

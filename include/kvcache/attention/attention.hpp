@@ -7,7 +7,9 @@
 
 #include <concepts>
 #include <cstddef>
+#include <ranges>
 #include <span>
+#include <utility>
 
 #include "../backend/cpu.hpp"
 #include "../error.hpp"
@@ -37,7 +39,7 @@ void check_view(const View& view, int queries, SeqId seq, int layer, const char*
                           view.first_held, "; prefill in chunks of at most slack_tokens + 1");
 }
 
-template <class Cache, class Q, class O>
+template <class Cache>
 void check_sizes(const Cache& cache, std::size_t queries, std::size_t q_size, std::size_t out_size,
                  const char* operation) {
   const std::size_t expected =
@@ -51,37 +53,47 @@ void check_sizes(const Cache& cache, std::size_t queries, std::size_t q_size, st
 }  // namespace detail
 
 // One new query token for each sequence of a batch (ragged lengths welcome).
-//   q, out: [seqs.size()][q_heads][head_dim]; sequence i's query sits at position
-//           length(seqs[i], layer) - 1, whose K/V must already be appended.
-template <class Cache, class Q, class O>
-void decode(const Cache& cache, int layer, std::span<const SeqId> seqs, std::span<const Q> q,
-            std::span<O> out, const AttentionParams& params = {}) {
-  detail::check_sizes<Cache, Q, O>(cache, seqs.size(), q.size(), out.size(), "decode");
+//   q, out: contiguous ranges of [seqs.size()][q_heads][head_dim] float, Eigen::half or
+//           Eigen::bfloat16; sequence i's query sits at position length(seqs[i], layer) - 1,
+//           whose K/V must already be appended.
+template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
+void decode(const Cache& cache, int layer, std::span<const SeqId> seqs, const QRange& q,
+            ORange&& out, const AttentionParams& params = {}) {
+  detail::check_sizes(cache, seqs.size(), std::ranges::size(q), std::ranges::size(out), "decode");
   for (SeqId seq : seqs) detail::check_view(cache.view(layer, seq), 1, seq, layer, "decode");
   const std::size_t stride = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const auto view = cache.view(layer, seqs[i]);
     if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
-      cpu::decode(view, cache.shape().q_heads, q.data() + i * stride, out.data() + i * stride, params);
+      cpu::decode(view, cache.shape().q_heads, std::ranges::data(q) + i * stride,
+                  std::ranges::data(out) + i * stride, params);
     else
       static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
                     "no attention kernels for this backend");
   }
 }
 
+// decode() for a batch of one.
+template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
+void decode(const Cache& cache, int layer, SeqId seq, const QRange& q, ORange&& out,
+            const AttentionParams& params = {}) {
+  decode(cache, layer, std::span<const SeqId>(&seq, 1), q, std::forward<ORange>(out), params);
+}
+
 // n query tokens of one sequence (a prompt or a chunk of one), causal against the cache and
 // themselves. Their K/V must already be appended, so they sit at the last n positions.
-//   q, out: [n][q_heads][head_dim]
-template <class Cache, class Q, class O>
-void prefill(const Cache& cache, int layer, SeqId seq, std::span<const Q> q, std::span<O> out,
+//   q, out: contiguous ranges of [n][q_heads][head_dim]
+template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
+void prefill(const Cache& cache, int layer, SeqId seq, const QRange& q, ORange&& out,
              const AttentionParams& params = {}) {
   const std::size_t per_query = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
-  const std::size_t queries = q.size() / per_query;
-  detail::check_sizes<Cache, Q, O>(cache, queries, q.size(), out.size(), "prefill");
+  const std::size_t queries = std::ranges::size(q) / per_query;
+  detail::check_sizes(cache, queries, std::ranges::size(q), std::ranges::size(out), "prefill");
   const auto view = cache.view(layer, seq);
   detail::check_view(view, static_cast<int>(queries), seq, layer, "prefill");
   if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
-    cpu::prefill(view, cache.shape().q_heads, static_cast<int>(queries), q.data(), out.data(), params);
+    cpu::prefill(view, cache.shape().q_heads, static_cast<int>(queries), std::ranges::data(q),
+                 std::ranges::data(out), params);
   else
     static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
                   "no attention kernels for this backend");

@@ -12,10 +12,9 @@ int main() {
   cache.reserve(seq, 20);
   std::vector<float> k(20 * 2 * 8, 0.5f), v(k.size(), 0.25f);
   for (int layer = 0; layer < shape.layers; ++layer)
-    cache.append(layer, seq, std::span<const float>(k), std::span<const float>(v));
+    cache.append(layer, seq, k, v);
   std::vector<float> q(4 * 8, 1.0f), out(q.size());
-  kvcache::attention::decode(cache, 1, std::span<const kvcache::SeqId>(&seq, 1),
-                             std::span<const float>(q), std::span<float>(out));
+  kvcache::attention::decode(cache, 1, seq, q, out);
   const bool ok = kvcache::bytes_per_token<kvcache::f16>(shape) == 128 && cache.length(seq) == 20 &&
                   out[0] == 0.25f && out.back() == 0.25f;
   std::printf("consumer: bytes_per_token=%zu out=%g %s\n",
