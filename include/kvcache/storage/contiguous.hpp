@@ -6,9 +6,8 @@
 
 #include <climits>
 #include <cstddef>
-#include <span>
-#include <vector>
 
+#include "../detail/page_per_slot.hpp"
 #include "../error.hpp"
 #include "concept.hpp"
 
@@ -36,34 +35,17 @@ struct Contiguous {
   int max_tokens_per_sequence() const { return max_tokens; }
 
   // Host bookkeeping: slot s is page s, position p is row p.
-  class bookkeeping {
+  class bookkeeping : public detail::PagePerSlot {
    public:
     explicit bookkeeping(const Contiguous& policy)
-        : max_tokens_(policy.max_tokens), open_(static_cast<std::size_t>(policy.max_sequences)) {}
+        : PagePerSlot(policy.max_sequences), max_tokens_(policy.max_tokens) {}
 
     bool can_reserve(int, int, int tokens) const { return tokens <= max_tokens_; }
-    void open(int slot) { open_[slot] = true; }
     void reserve(int, int, int, PageCopier) {}
-    void release(int slot) { open_[slot] = false; }
     bool can_fork(int) const { return true; }
-    void fork(int from, int to, int tokens, PageCopier copy) {
-      open_[to] = true;
-      copy(from, to, tokens);
-    }
+    void fork(int from, int to, int tokens, PageCopier copy) { copy(from, to, tokens); }
     void truncate(int, int) {}
     PageRow locate(int slot, int position) const { return {slot, position}; }
-    int pages_in_use() const {
-      int in_use = 0;
-      for (bool open : open_) in_use += open;
-      return in_use;
-    }
-
-    std::size_t rows_holding_tokens(std::span<const int> held) const {
-      std::size_t total = 0;
-      for (int rows : held) total += static_cast<std::size_t>(rows);
-      return total;
-    }
-
     template <class Storage>
     void segments(int slot, int length, int, const Storage* k_pool, const Storage* v_pool,
                   SequenceView<Storage>& view) const {
@@ -75,7 +57,6 @@ struct Contiguous {
 
    private:
     int max_tokens_;
-    std::vector<bool> open_;  // [max_sequences] slot holds a sequence
   };
 };
 

@@ -15,9 +15,8 @@
 
 #include <climits>
 #include <cstddef>
-#include <span>
-#include <vector>
 
+#include "../detail/page_per_slot.hpp"
 #include "../error.hpp"
 #include "concept.hpp"
 
@@ -54,39 +53,20 @@ struct SlidingWindow {
   Retention retention() const { return {sink_tokens, ring_tokens(), window}; }
   int max_tokens_per_sequence() const { return INT_MAX; }
 
-  class bookkeeping {
+  class bookkeeping : public detail::PagePerSlot {
    public:
     explicit bookkeeping(const SlidingWindow& policy)
-        : sinks_(policy.sink_tokens),
-          ring_(policy.ring_tokens()),
-          open_(static_cast<std::size_t>(policy.max_sequences)) {}
+        : PagePerSlot(policy.max_sequences), sinks_(policy.sink_tokens), ring_(policy.ring_tokens()) {}
 
-    void open(int slot) { open_[slot] = true; }
     bool can_reserve(int, int, int) const { return true; }
     void reserve(int, int, int, PageCopier) {}
-    void release(int slot) { open_[slot] = false; }
     bool can_fork(int) const { return true; }
-    void fork(int from, int to, int, PageCopier copy) {
-      open_[to] = true;
-      copy(from, to, sinks_ + ring_);
-    }
+    void fork(int from, int to, int, PageCopier copy) { copy(from, to, sinks_ + ring_); }
     void truncate(int, int) {}
 
     PageRow locate(int slot, int position) const {
       if (position < sinks_) return {slot, position};
       return {slot, sinks_ + (position - sinks_) % ring_};
-    }
-
-    int pages_in_use() const {
-      int in_use = 0;
-      for (bool open : open_) in_use += open;
-      return in_use;
-    }
-
-    std::size_t rows_holding_tokens(std::span<const int> held) const {
-      std::size_t total = 0;
-      for (int rows : held) total += static_cast<std::size_t>(rows);
-      return total;
     }
 
     // Sinks first, then the ring's held positions [first_held, length) in at most two runs.
@@ -116,7 +96,6 @@ struct SlidingWindow {
    private:
     int sinks_;
     int ring_;
-    std::vector<bool> open_;  // [max_sequences] slot holds a sequence
   };
 };
 
