@@ -2,5 +2,7 @@
 add_library(kvcache_warnings INTERFACE)
 if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(kvcache_warnings INTERFACE
-    $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion>)
+    $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion
+      # GCC 12 reports its own AVX-512 intrinsics (inlined from Eigen) as uninitialized.
+      -Wno-maybe-uninitialized>)
 endif()
