@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's two commands, and the CI's sanitizer pass:
-#   cmake/dev.sh demo    build and run the quickstart example
+#   cmake/dev.sh demo    build the stories260K engine and tell a story (extra arguments go to it)
 #   cmake/dev.sh test    build everything and run every test (ctest)
 #   cmake/dev.sh asan    the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   cmake/dev.sh bench   build and run the benchmarks (extra arguments go to Google Benchmark)
@@ -44,8 +44,10 @@ build() {  # build PRESET [TARGET...]
 
 case "$command" in
   demo)
-    build default quickstart
-    ./build/default/examples/quickstart
+    build default llama2
+    model=examples/llama2/models/stories260K
+    [ $# -gt 0 ] || set -- -t 0.8 -p 0.9 -s 42 -n 256 -i "Once upon a time"
+    ./build/default/examples/llama2/llama2 "$model/stories260K.bin" -z "$model/tok512.bin" "$@"
     ;;
   test)
     build default

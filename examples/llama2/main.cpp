@@ -87,6 +87,7 @@ int main(int argc, char** argv) {
         for (const auto& result : results) std::printf("%s\n", result.text.c_str());
       else
         std::printf("\n");
+      std::fflush(stdout);
       const llama2::GenerationStats& stats = generator.stats();
       int positions = 0;
       for (const auto& result : results) positions += result.forward_calls;

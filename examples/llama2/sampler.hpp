@@ -1,6 +1,6 @@
-// Next-token choice as llama2.c makes it: greedy at temperature 0, otherwise softmax of
-// logits / temperature, sampled from the whole distribution or from its top-p nucleus, with
-// llama2.c's xorshift generator so that a seed gives the same text as run.c.
+// Next-token choice by llama2.c's rules: greedy at temperature 0 (lowest id on a tie), otherwise
+// softmax of logits / temperature, sampled from the whole distribution or from its top-p
+// nucleus, with the same xorshift generator and one draw per token as run.c.
 #pragma once
 
 #include <algorithm>
