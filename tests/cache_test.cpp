@@ -43,6 +43,28 @@ TYPED_TEST(CacheTest, AllocatesExactlyWhatTheMemoryMathPredicts) {
   EXPECT_EQ(counting_cpu::bytes_allocated, 0u);
 }
 
+// A policy sized from a byte budget allocates at most the budget, and one more page would not fit.
+TYPED_TEST(CacheTest, ByteBudgetIsFilledWithWholePages) {
+  using C = TypeParam;
+  using Layout = typename C::Layout;
+  using DType = typename C::DType;
+  const ModelShape shape{3, 8, 2, 24};
+  const std::size_t budget = 1'000'000;
+  auto fit = [&](std::size_t bytes) {
+    if constexpr (std::is_same_v<Layout, Contiguous>) return Layout::template from_budget<DType>(shape, bytes, 100);
+    if constexpr (std::is_same_v<Layout, Paged<16>>) return Layout::template from_budget<DType>(shape, bytes);
+    if constexpr (std::is_same_v<Layout, SlidingWindow>)
+      return Layout::template from_budget<DType>(shape, bytes, 64, 4, 8);
+  };
+  const Layout layout = fit(budget);
+  const KVCache<Layout, DType> cache(shape, layout);
+  const std::size_t page_bytes = bytes_for_tokens<DType>(shape, layout.page_tokens());
+  EXPECT_LE(cache.stats().bytes_capacity, budget);
+  EXPECT_GT(cache.stats().bytes_capacity + page_bytes, budget);
+  // A budget too small for one page gives a policy that the cache refuses, naming the field.
+  EXPECT_THROW((KVCache<Layout, DType>(shape, fit(page_bytes - 1))), Error);
+}
+
 TYPED_TEST(CacheTest, StatsCountReservedAndUsedBytes) {
   using C = TypeParam;
   using Layout = typename C::Layout;

@@ -1,6 +1,7 @@
 // Next-token choice by llama2.c's rules: greedy at temperature 0 (lowest id on a tie), otherwise
 // softmax of logits / temperature, sampled from the whole distribution or from its top-p
-// nucleus, with the same xorshift generator and one draw per token as run.c.
+// nucleus, with the same xorshift generator and one draw per token as run.c, so a seed gives
+// run.c's text (tests/examples/llama2_test.cpp checks one sampled story).
 #pragma once
 
 #include <algorithm>

@@ -213,6 +213,22 @@ TEST(Llama2, HalfPrecisionCachesAgreeWithF32OrDivergeAtNearTies) {
   }
 }
 
+// Temperature and top-p sampling follow run.c's: the same seed gives the same story.
+TEST(Llama2, SamplingReproducesRunC) {
+  std::ifstream file(model_dir + "/sampled.jsonl");
+  std::string line;
+  ASSERT_TRUE(std::getline(file, line));
+  const Json reference = JsonReader(line).parse();
+  GenerationOptions options;
+  options.steps = reference["steps"].integer();
+  options.temperature = static_cast<float>(std::get<double>(reference["temperature"].value));
+  options.top_p = static_cast<float>(std::get<double>(reference["top_p"].value));
+  options.seed = static_cast<std::uint64_t>(reference["seed"].integer());
+  for (const char* policy : {"contiguous", "paged", "window"})
+    EXPECT_EQ(generate({.policy = policy}, {reference["prompt"].str()}, options).results.front().text,
+              reference["text"].str()) << policy;
+}
+
 TEST(Llama2, ShortWindowRunsTheFullContextInBoundedMemory) {
   GenerationOptions options = greedy(512);
   options.stop_on_bos = false;

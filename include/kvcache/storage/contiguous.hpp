@@ -4,11 +4,13 @@
 // whatever part of its slot it does not use.
 #pragma once
 
+#include <algorithm>
 #include <climits>
 #include <cstddef>
 
 #include "../detail/page_per_slot.hpp"
 #include "../error.hpp"
+#include "../shape.hpp"
 #include "concept.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
@@ -18,6 +20,14 @@ struct Contiguous {
 
   int max_sequences = 0;
   int max_tokens = 0;
+
+  // As many slots of max_tokens as fit in budget_bytes (zero if not one fits: validate() says so).
+  template <ElementType DType>
+  static Contiguous from_budget(const ModelShape& shape, std::size_t budget_bytes, int max_tokens) {
+    const std::size_t tokens = tokens_in_budget<DType>(shape, budget_bytes);
+    const std::size_t slots = max_tokens > 0 ? tokens / static_cast<std::size_t>(max_tokens) : 0;
+    return {.max_sequences = static_cast<int>(std::min<std::size_t>(slots, INT_MAX)), .max_tokens = max_tokens};
+  }
 
   void validate() const {
     if (max_sequences <= 0)

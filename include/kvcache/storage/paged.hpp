@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../error.hpp"
+#include "../shape.hpp"
 #include "block_pool.hpp"
 #include "block_table.hpp"
 #include "concept.hpp"
@@ -31,6 +32,14 @@ struct Paged {
   int max_sequences = 256;
   int max_tokens = 0;  // most positions per sequence; 0: the whole pool. Sizes the block tables
                        // (max_sequences * ceil(max_tokens / BlockTokens) ids, allocated up front)
+
+  // As many blocks as fit in budget_bytes.
+  template <ElementType DType>
+  static Paged from_budget(const ModelShape& shape, std::size_t budget_bytes, int max_sequences = 256) {
+    const std::size_t blocks = tokens_in_budget<DType>(shape, budget_bytes) / BlockTokens;
+    return {.num_blocks = static_cast<int>(std::min<std::size_t>(blocks, INT_MAX / BlockTokens)),
+            .max_sequences = max_sequences};
+  }
 
   void validate() const {
     if (num_blocks <= 0)

@@ -13,11 +13,13 @@
 // Memory per sequence is bounded whatever its length.
 #pragma once
 
+#include <algorithm>
 #include <climits>
 #include <cstddef>
 
 #include "../detail/page_per_slot.hpp"
 #include "../error.hpp"
+#include "../shape.hpp"
 #include "concept.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
@@ -29,6 +31,16 @@ struct SlidingWindow {
   int window = 0;
   int sink_tokens = 0;
   int slack_tokens = 0;
+
+  // As many sequence rings of `window` (+ sinks and slack) as fit in budget_bytes.
+  template <ElementType DType>
+  static SlidingWindow from_budget(const ModelShape& shape, std::size_t budget_bytes, int window,
+                                   int sink_tokens = 0, int slack_tokens = 0) {
+    SlidingWindow policy{.window = window, .sink_tokens = sink_tokens, .slack_tokens = slack_tokens};
+    const std::size_t rows = policy.page_tokens() > 0 ? static_cast<std::size_t>(policy.page_tokens()) : 1;
+    policy.max_sequences = static_cast<int>(std::min<std::size_t>(tokens_in_budget<DType>(shape, budget_bytes) / rows, INT_MAX));
+    return policy;
+  }
 
   void validate() const {
     if (max_sequences <= 0)
