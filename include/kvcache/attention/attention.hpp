@@ -10,6 +10,7 @@
 #include <ranges>
 #include <span>
 #include <utility>
+#include <vector>
 
 #include "../backend/cpu.hpp"
 #include "../error.hpp"
@@ -60,17 +61,19 @@ template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contig
 void decode(const Cache& cache, int layer, std::span<const SeqId> seqs, const QRange& q,
             ORange&& out, const AttentionParams& params = {}) {
   detail::check_sizes(cache, seqs.size(), std::ranges::size(q), std::ranges::size(out), "decode");
-  for (SeqId seq : seqs) detail::check_view(cache.view(layer, seq), 1, seq, layer, "decode");
-  const std::size_t stride = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
-  for (std::size_t i = 0; i < seqs.size(); ++i) {
-    const auto view = cache.view(layer, seqs[i]);
-    if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
-      cpu::decode(view, cache.shape().q_heads, std::ranges::data(q) + i * stride,
-                  std::ranges::data(out) + i * stride, params);
-    else
-      static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
-                    "no attention kernels for this backend");
+  using View = decltype(cache.view(layer, seqs[0]));
+  thread_local std::vector<View> views;  // grows to the largest batch, then never allocates
+  views.clear();
+  for (SeqId seq : seqs) {
+    views.push_back(cache.view(layer, seq));
+    detail::check_view(views.back(), 1, seq, layer, "decode");
   }
+  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
+    cpu::decode(std::span<const View>(views), cache.shape().q_heads, std::ranges::data(q), std::ranges::data(out),
+                params);
+  else
+    static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
+                  "no attention kernels for this backend");
 }
 
 // decode() for a batch of one.

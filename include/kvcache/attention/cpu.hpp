@@ -1,17 +1,28 @@
-// CPU attention kernels over SequenceView, on Eigen.
+// CPU attention kernels over SequenceView.
 //
-// For one kv-head the query heads of its group are processed together: each key and value row
-// is read once, converted to float once, and used by every query head of the group. Scores are
-// taken a tile of rows at a time, then folded into an online softmax (fp32 state), so the cost
-// of rescaling the accumulators is paid once per tile, not once per row. Nothing allocates:
-// the per-call buffers live on the stack.
+// Decode is bound by memory: every K/V byte of a sequence is read once per generated token.
+// So for one kv-head the query heads of its group share one pass over its rows: each K row is
+// loaded (and converted from f16/bf16 to fp32 in registers) once and scored against every head
+// of the group; scores are taken a tile of rows at a time and folded into an online softmax
+// (fp32 state), then each V row is loaded once and accumulated for every head, with the
+// accumulators in registers. Work is split over (sequence, kv-head) and, when that gives the
+// threads too little to do, over token ranges of long sequences, whose partial softmax states
+// are merged exactly afterwards.
+//
+// The fast path needs AVX-512 or AVX2+FMA+F16C and head_dim 64, 128 or 256; every other case
+// takes a portable Eigen path with the same structure. Nothing here allocates once a thread has
+// served its largest call (the per-thread scratch only grows).
 #pragma once
 
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <span>
+#include <vector>
 
+#include "../backend/cpu.hpp"
+#include "../detail/simd.hpp"
 #include "../dtype/float.hpp"
 #include "../shape.hpp"
 #include "../view.hpp"
@@ -24,79 +35,267 @@ namespace attention::cpu {
 
 namespace detail {
 
-inline constexpr int heads_per_pass = 8;  // query heads sharing one read of K/V
-inline constexpr int tile_rows = 16;      // key rows scored before one softmax update
+namespace simd = kvcache::detail::simd;
 
-// Attention of `heads` query heads of one group, at position `query`, over kv-head `kv_head`.
-// q: [heads][head_dim] already multiplied by the scale; out: [heads][head_dim].
-template <int HeadDim, class Storage>
-void attend_group(const SequenceView<Storage>& view, int kv_head, int query, const float* q,
-                  int heads, float soft_cap, float* out) {
+inline constexpr int heads_per_pass = 8;  // query heads sharing one read of K/V
+inline constexpr int tile_rows = 32;      // key rows scored before one softmax update
+inline constexpr int min_split_rows = 512;  // a token range worth a task of its own
+
+// Calls f with std::integral_constant<int, heads> for heads in [1, heads_per_pass].
+template <class F>
+void dispatch_heads(int heads, F&& f) {
+  switch (heads) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+template <int HeadDim>
+inline constexpr bool use_simd = simd::width > 0 && HeadDim > 0 && HeadDim % (2 * simd::width) == 0;
+
+// scores[h][r] = q_h . k_r for `rows` rows of k ([rows][HeadDim]).
+template <int HeadDim, int Heads, class Storage>
+void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows]) {
+  if constexpr (use_simd<HeadDim>) {
+    constexpr int vectors = HeadDim / simd::width;
+    for (int r = 0; r < rows; ++r) {
+      simd::floats key[vectors];
+      for (int j = 0; j < vectors; ++j) key[j] = simd::load(k + r * HeadDim + j * simd::width);
+      for (int h = 0; h < Heads; ++h) {
+        const float* query = q + h * HeadDim;
+        simd::floats even = simd::zero(), odd = simd::zero();  // two chains hide FMA latency
+        for (int j = 0; j < vectors; j += 2) {
+          even = simd::fma(simd::load(query + j * simd::width), key[j], even);
+          odd = simd::fma(simd::load(query + (j + 1) * simd::width), key[j + 1], odd);
+        }
+        scores[h][r] = simd::sum(simd::add(even, odd));
+      }
+    }
+  }
+}
+
+// acc[h] += sum over rows r of p[h][r] * v_r, for `rows` rows of v ([rows][HeadDim]).
+template <int HeadDim, int Heads, class Storage>
+void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc) {
+  if constexpr (use_simd<HeadDim>) {
+    constexpr int vectors = HeadDim / simd::width;
+    for (int j = 0; j < vectors; j += 2) {  // two registers of every head's accumulator at a time
+      simd::floats sums[Heads][2];
+      for (int h = 0; h < Heads; ++h) {
+        sums[h][0] = simd::load(acc + h * HeadDim + j * simd::width);
+        sums[h][1] = simd::load(acc + h * HeadDim + (j + 1) * simd::width);
+      }
+      for (int r = 0; r < rows; ++r) {
+        const simd::floats low = simd::load(v + r * HeadDim + j * simd::width);
+        const simd::floats high = simd::load(v + r * HeadDim + (j + 1) * simd::width);
+        for (int h = 0; h < Heads; ++h) {
+          const simd::floats weight = simd::broadcast(p[h][r]);
+          sums[h][0] = simd::fma(weight, low, sums[h][0]);
+          sums[h][1] = simd::fma(weight, high, sums[h][1]);
+        }
+      }
+      for (int h = 0; h < Heads; ++h) {
+        simd::store(acc + h * HeadDim + j * simd::width, sums[h][0]);
+        simd::store(acc + h * HeadDim + (j + 1) * simd::width, sums[h][1]);
+      }
+    }
+  }
+}
+
+// Adds to (softmax, acc) the keys visible to the query at position `query` among positions
+// [lo, hi), for `Heads` query heads of kv-head `kv_head`.
+//   q:   [Heads][head_dim], already multiplied by the scale
+//   acc: [Heads][head_dim], unnormalized: sum of exp(s - softmax.max) * v
+template <int HeadDim, int Heads, class Storage>
+void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int lo, int hi,
+                const float* q, float soft_cap, OnlineSoftmax* softmax, float* acc) {
   constexpr int Extent = HeadDim == 0 ? Eigen::Dynamic : HeadDim;
   constexpr int Capacity = HeadDim == 0 ? ModelShape::max_head_dim : HeadDim;
   using Row = Eigen::Matrix<float, Extent, 1>;
   using StoredRow = Eigen::Matrix<Storage, Extent, 1>;
   const int head_dim = HeadDim == 0 ? view.head_dim : HeadDim;
-
-  alignas(64) float acc_data[heads_per_pass][Capacity];  // [heads][head_dim]
-  alignas(64) float row_data[Capacity];                  // [head_dim] one K or V row as float
-  float scores[heads_per_pass][tile_rows];               // [heads][rows] of the current tile
-  OnlineSoftmax softmax[heads_per_pass];
-  for (int h = 0; h < heads; ++h) Eigen::Map<Row>(acc_data[h], head_dim).setZero();
-  Eigen::Map<Row> row(row_data, head_dim);
-
-  // Visible keys: [0, sinks_end) and [recent_begin, query], both clipped to each segment.
-  const int recent_begin = view.first_needed(query);
-  const int sinks_end = view.window == 0 ? 0 : std::min({view.sink_tokens, recent_begin, query + 1});
+  float scores[heads_per_pass][tile_rows];  // [heads][rows] of the current tile
 
   auto run_rows = [&](const Segment<Storage>& segment, int begin, int end) {
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;
-    const Storage* k_rows = segment.k + head_offset;  // [count][head_dim]
-    const Storage* v_rows = segment.v + head_offset;  // [count][head_dim]
     for (int tile = begin; tile < end; tile += tile_rows) {
       const int rows = std::min(tile_rows, end - tile);
-      for (int r = 0; r < rows; ++r) {
-        const std::size_t at = static_cast<std::size_t>(tile - segment.first_position + r) * head_dim;
-        row = Eigen::Map<const StoredRow>(k_rows + at, head_dim).template cast<float>();
-        for (int h = 0; h < heads; ++h) {
-          float score = Eigen::Map<const Row>(q + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
-          if (soft_cap > 0.0f) score = soft_cap * std::tanh(score / soft_cap);
-          scores[h][r] = score;
-        }
-      }
-      for (int h = 0; h < heads; ++h) {
-        const float tile_max = *std::max_element(scores[h], scores[h] + rows);
-        const float factor = softmax[h].raise_max(tile_max);
-        if (factor != 1.0f) Eigen::Map<Row>(acc_data[h], head_dim) *= factor;
+      const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * head_dim;
+      const Storage* k = segment.k + head_offset + first_row;  // [rows][head_dim]
+      const Storage* v = segment.v + head_offset + first_row;  // [rows][head_dim]
+      if constexpr (use_simd<HeadDim>) {
+        score_rows<HeadDim, Heads>(k, rows, q, scores);
+      } else {
+        alignas(64) float row_data[Capacity];
+        Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
-          scores[h][r] = std::exp(scores[h][r] - softmax[h].max);
-          softmax[h].sum += scores[h][r];
+          row = Eigen::Map<const StoredRow>(k + static_cast<std::size_t>(r) * head_dim, head_dim).template cast<float>();
+          for (int h = 0; h < Heads; ++h)
+            scores[h][r] = Eigen::Map<const Row>(q + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
         }
       }
-      for (int r = 0; r < rows; ++r) {
-        const std::size_t at = static_cast<std::size_t>(tile - segment.first_position + r) * head_dim;
-        row = Eigen::Map<const StoredRow>(v_rows + at, head_dim).template cast<float>();
-        for (int h = 0; h < heads; ++h) Eigen::Map<Row>(acc_data[h], head_dim) += scores[h][r] * row;
+      for (int h = 0; h < Heads; ++h) {
+        Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
+        if (soft_cap > 0.0f) s = soft_cap * (s / soft_cap).tanh();
+        const float factor = softmax[h].raise_max(s.maxCoeff());
+        if (factor != 1.0f) Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) *= factor;
+        s = (s - softmax[h].max).exp();
+        softmax[h].sum += s.sum();
+      }
+      if constexpr (use_simd<HeadDim>) {
+        accumulate_rows<HeadDim, Heads>(v, rows, scores, acc);
+      } else {
+        alignas(64) float row_data[Capacity];
+        Eigen::Map<Row> row(row_data, head_dim);
+        for (int r = 0; r < rows; ++r) {
+          row = Eigen::Map<const StoredRow>(v + static_cast<std::size_t>(r) * head_dim, head_dim).template cast<float>();
+          for (int h = 0; h < Heads; ++h)
+            Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) += scores[h][r] * row;
+        }
       }
     }
   };
 
+  // Visible keys: [0, sinks_end) and [recent_begin, query], both clipped to [lo, hi).
+  const int recent_begin = std::max(view.first_needed(query), lo);
+  const int recent_end = std::min(query + 1, hi);
+  const int sinks_end = view.window == 0 ? 0 : std::min({view.sink_tokens, view.first_needed(query), query + 1, hi});
   for (int i = 0; i < view.segment_count(); ++i) {
     const Segment<Storage> segment = view.segment(i);
     const int first = segment.first_position;
     const int last = first + segment.count;  // exclusive
-    run_rows(segment, first, std::min(last, sinks_end));
-    run_rows(segment, std::max(first, recent_begin), std::min(last, query + 1));
-  }
-
-  for (int h = 0; h < heads; ++h) {
-    // The query's own key is always visible, so sum >= 1.
-    Eigen::Map<Row>(out + static_cast<std::size_t>(h) * head_dim, head_dim) =
-        Eigen::Map<Row>(acc_data[h], head_dim) / softmax[h].sum;
+    run_rows(segment, std::max(first, lo), std::min(last, sinks_end));
+    run_rows(segment, std::max(first, recent_begin), std::min(last, recent_end));
   }
 }
 
+// One unit of work: `heads` query heads of a group at position `query`, keys in [lo, hi).
+struct Task {
+  int view;
+  int kv_head;
+  int first_head;  // within the group
+  int heads;
+  int query;
+  int lo, hi;
+  std::size_t q_offset;    // element offset of the first head's query
+  std::size_t out_offset;  // element offset of the first head's output
+  int split;               // index among the tasks of the same (view, kv_head, first_head, query)
+  int splits;
+};
+
+// Per-thread scratch that only grows: task lists and partial results.
+struct Scratch {
+  std::vector<Task> tasks;
+  std::vector<OnlineSoftmax> softmax;  // [tasks][heads_per_pass]
+  std::vector<float> acc;              // [tasks][heads_per_pass][head_dim]
+};
+inline Scratch& scratch() {
+  thread_local Scratch instance;
+  return instance;
+}
+
+// Runs the tasks on the backend's threads and writes each (group of) output rows, merging the
+// partial softmax states of the splits of a task in order.
+template <class Storage, class Q, class O>
+void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out, const AttentionParams& params,
+               int head_dim) {
+  Scratch& s = scratch();
+  const std::size_t partial = static_cast<std::size_t>(heads_per_pass) * head_dim;
+  if (s.softmax.size() < s.tasks.size() * heads_per_pass) s.softmax.resize(s.tasks.size() * heads_per_pass);
+  if (s.acc.size() < s.tasks.size() * partial) s.acc.resize(s.tasks.size() * partial);
+  const float scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
+
+  dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
+    constexpr int HeadDim = decltype(head_dim_constant)::value;
+    auto work = [&](int t) {
+      const Task& task = s.tasks[static_cast<std::size_t>(t)];
+      alignas(64) float q_scaled[heads_per_pass * ModelShape::max_head_dim];  // [heads][head_dim]
+      for (int e = 0; e < task.heads * head_dim; ++e) q_scaled[e] = scale * to_float(q[task.q_offset + e]);
+      OnlineSoftmax* softmax = s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass;
+      float* acc = s.acc.data() + static_cast<std::size_t>(t) * partial;
+      std::fill(softmax, softmax + heads_per_pass, OnlineSoftmax{});
+      std::fill(acc, acc + static_cast<std::size_t>(task.heads) * head_dim, 0.0f);
+      dispatch_heads(task.heads, [&](auto heads_constant) {
+        accumulate<HeadDim, decltype(heads_constant)::value>(views[static_cast<std::size_t>(task.view)], task.kv_head,
+                                                             task.query, task.lo, task.hi, q_scaled,
+                                                             params.soft_cap, softmax, acc);
+      });
+    };
+    backend::cpu::pool().run(static_cast<int>(s.tasks.size()), work);
+  });
+
+  // Merge: the splits of one output are consecutive tasks.
+  for (std::size_t t = 0; t < s.tasks.size();) {
+    const Task& first = s.tasks[t];
+    OnlineSoftmax* softmax = s.softmax.data() + t * heads_per_pass;
+    float* acc = s.acc.data() + t * partial;
+    for (int split = 1; split < first.splits; ++split) {
+      const OnlineSoftmax* other_softmax = s.softmax.data() + (t + split) * heads_per_pass;
+      const float* other_acc = s.acc.data() + (t + split) * partial;
+      for (int h = 0; h < first.heads; ++h) {
+        float own = 0.0f, other = 0.0f;
+        softmax[h].merge(other_softmax[h], &own, &other);
+        Eigen::Map<Eigen::ArrayXf> mine(acc + static_cast<std::size_t>(h) * head_dim, head_dim);
+        mine = mine * own + Eigen::Map<const Eigen::ArrayXf>(other_acc + static_cast<std::size_t>(h) * head_dim, head_dim) * other;
+      }
+    }
+    for (int h = 0; h < first.heads; ++h)
+      for (int d = 0; d < head_dim; ++d)
+        out[first.out_offset + static_cast<std::size_t>(h) * head_dim + d] =
+            from_float<O>(acc[static_cast<std::size_t>(h) * head_dim + d] / softmax[h].sum);
+    t += static_cast<std::size_t>(first.splits);
+  }
+}
+
+// Appends the tasks for the query at `query` of view `view`, split into `splits` token ranges.
+inline void add_tasks(std::vector<Task>& tasks, int view, int kv_heads, int group, int query, int first_key,
+                      int splits, std::size_t row_offset, int head_dim) {
+  for (int kv_head = 0; kv_head < kv_heads; ++kv_head)
+    for (int first_head = 0; first_head < group; first_head += heads_per_pass) {
+      const int heads = std::min(heads_per_pass, group - first_head);
+      const std::size_t offset = row_offset + (static_cast<std::size_t>(kv_head) * group + first_head) * head_dim;
+      const long long keys = query + 1 - first_key;
+      for (int split = 0; split < splits; ++split)
+        tasks.push_back({view, kv_head, first_head, heads, query,
+                         first_key + static_cast<int>(keys * split / splits),
+                         first_key + static_cast<int>(keys * (split + 1) / splits),
+                         offset, offset, split, splits});
+    }
+}
+
 }  // namespace detail
+
+// Attention of the newest position of each view (one decode step for a batch of sequences).
+//   q, out: [views.size()][q_heads][head_dim] of float, Eigen::half or Eigen::bfloat16
+// @pre every view has length >= 1, the same kv_heads and head_dim, and holds every position its
+//      query sees; q_heads a multiple of kv_heads. Query head h uses kv-head h / (q_heads / kv_heads).
+template <class Storage, class Q, class O>
+void decode(std::span<const SequenceView<Storage>> views, int q_heads, const Q* q, O* out,
+            const AttentionParams& params) {
+  if (views.empty()) return;
+  const int head_dim = views[0].head_dim, kv_heads = views[0].kv_heads, group = q_heads / kv_heads;
+  const int units = static_cast<int>(views.size()) * kv_heads * ((group + detail::heads_per_pass - 1) / detail::heads_per_pass);
+  const int threads = backend::cpu::threads();
+  // Split long sequences by token range only when (sequence, kv-head) units leave threads idle.
+  const int wanted = units >= 4 * threads ? 1 : (4 * threads + units - 1) / units;
+  auto& tasks = detail::scratch().tasks;
+  tasks.clear();
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    const SequenceView<Storage>& view = views[i];
+    const int query = view.length - 1;
+    const int first_key = view.sink_tokens > 0 ? 0 : view.first_needed(query);  // ranges split evenly
+    const int splits = std::clamp((query + 1 - first_key) / detail::min_split_rows, 1, wanted);
+    detail::add_tasks(tasks, static_cast<int>(i), kv_heads, group, query, first_key, splits,
+                      i * static_cast<std::size_t>(q_heads) * head_dim, head_dim);
+  }
+  detail::run_tasks(views, q, out, params, head_dim);
+}
 
 // Attention for `queries` query tokens of one sequence, at positions [length - queries, length)
 // of the view, causal against every earlier visible position.
@@ -104,40 +303,16 @@ void attend_group(const SequenceView<Storage>& view, int kv_head, int query, con
 //   out: [queries][q_heads][head_dim], any of those types
 // @pre 1 <= queries <= view.length; q_heads a multiple of view.kv_heads; every position the
 //      queries see is held (view.first_needed(length - queries) >= view.first_held).
-// Query head h uses kv-head h / (q_heads / kv_heads).
 template <class Storage, class Q, class O>
 void prefill(const SequenceView<Storage>& view, int q_heads, int queries, const Q* q, O* out,
              const AttentionParams& params) {
-  const int head_dim = view.head_dim;
   const int group = q_heads / view.kv_heads;
-  const float scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
-  dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
-    constexpr int HeadDim = decltype(head_dim_constant)::value;
-    constexpr int Capacity = HeadDim == 0 ? ModelShape::max_head_dim : HeadDim;
-    alignas(64) float q_scaled[detail::heads_per_pass * Capacity];   // [heads][head_dim]
-    alignas(64) float result[detail::heads_per_pass * Capacity];     // [heads][head_dim]
-    for (int i = 0; i < queries; ++i) {
-      const int position = view.length - queries + i;
-      for (int kv_head = 0; kv_head < view.kv_heads; ++kv_head) {
-        for (int first = 0; first < group; first += detail::heads_per_pass) {
-          const int heads = std::min(detail::heads_per_pass, group - first);
-          const std::size_t base =
-              (static_cast<std::size_t>(i) * q_heads + kv_head * group + first) * head_dim;
-          for (int e = 0; e < heads * head_dim; ++e) q_scaled[e] = scale * to_float(q[base + e]);
-          detail::attend_group<HeadDim>(view, kv_head, position, q_scaled, heads, params.soft_cap,
-                                        result);
-          for (int e = 0; e < heads * head_dim; ++e) out[base + e] = from_float<O>(result[e]);
-        }
-      }
-    }
-  });
-}
-
-// Attention of the newest position of the view: q and out are [q_heads][head_dim].
-template <class Storage, class Q, class O>
-void decode(const SequenceView<Storage>& view, int q_heads, const Q* q, O* out,
-            const AttentionParams& params) {
-  prefill(view, q_heads, 1, q, out, params);
+  auto& tasks = detail::scratch().tasks;
+  tasks.clear();
+  for (int i = 0; i < queries; ++i)
+    detail::add_tasks(tasks, 0, view.kv_heads, group, view.length - queries + i, 0, 1,
+                      static_cast<std::size_t>(i) * q_heads * view.head_dim, view.head_dim);
+  detail::run_tasks(std::span<const SequenceView<Storage>>(&view, 1), q, out, params, view.head_dim);
 }
 
 }  // namespace attention::cpu
