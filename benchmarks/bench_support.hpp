@@ -16,10 +16,6 @@ inline constexpr int q_heads = 32;
 inline constexpr int kv_heads = 8;
 inline constexpr int head_dim = 128;
 
-// Decoding reads the K/V of every layer in turn, so each layer is cold when it is read. The
-// benchmarks cycle through enough layers to touch this many bytes, well past any L3.
-inline constexpr std::size_t streamed_bytes = std::size_t{512} << 20;
-
 inline std::vector<float> random_values(std::size_t count, unsigned seed = 1) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
@@ -40,7 +36,7 @@ inline Paged<16> policy_for<Paged<16>>(int tokens, int sequences) {
 }
 template <>
 inline SlidingWindow policy_for<SlidingWindow>(int tokens, int sequences) {
-  return {.max_sequences = sequences, .window = tokens, .sink_tokens = 4};
+  return {.max_sequences = sequences, .window = tokens};
 }
 
 }  // namespace kvcache::bench

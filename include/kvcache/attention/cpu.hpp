@@ -18,8 +18,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <span>
+#include <utility>
 #include <vector>
+
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 #include "../backend/cpu.hpp"
 #include "../detail/simd.hpp"
@@ -37,91 +43,146 @@ namespace detail {
 
 namespace simd = kvcache::detail::simd;
 
-inline constexpr int heads_per_pass = 8;  // query heads sharing one read of K/V
+inline constexpr int heads_per_pass = 32;  // query heads sharing one read of K/V (a whole group,
+                                           // for every common model; larger groups take passes)
 inline constexpr int tile_rows = 32;      // key rows scored before one softmax update
 inline constexpr int min_split_rows = 512;  // a token range worth a task of its own
 
-// Calls f with std::integral_constant<int, heads> for heads in [1, heads_per_pass].
+// Calls f with std::integral_constant<int, heads> for heads in [1, 4].
 template <class F>
 void dispatch_heads(int heads, F&& f) {
   switch (heads) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
     case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 4>{});
   }
+}
+
+// Asks for one row (of K or V) that a later tile will read. Issued once per row processed, so
+// the requests are spread over the computation: the hardware prefetcher alone leaves one core
+// far below its read bandwidth on this access pattern, and a burst of requests does too.
+template <int HeadDim, class Storage>
+inline void prefetch_row(const Storage* row) {
+#if defined(__SSE__)
+  if (row == nullptr) return;
+  for (std::size_t at = 0; at < HeadDim * sizeof(Storage); at += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(row) + at, _MM_HINT_T0);
+#else
+  (void)row;
+#endif
 }
 
 template <int HeadDim>
 inline constexpr bool use_simd = simd::width > 0 && HeadDim > 0 && HeadDim % (2 * simd::width) == 0;
 
-// scores[h][r] = q_h . k_r for `rows` rows of k ([rows][HeadDim]).
-template <int HeadDim, int Heads, class Storage>
-void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows]) {
+// Folds one tile of scores into the online softmax: raises the running max (rescaling acc),
+// turns scores into exp(score - max) in place and adds them to the running sum.
+//   scores: [tile_rows], 64-byte aligned, the first `rows` valid
+inline void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc, int head_dim) {
+  if constexpr (simd::width > 0) {
+    constexpr int width = simd::width;
+    const int padded = (rows + width - 1) / width * width;
+    for (int r = rows; r < padded; ++r) scores[r] = -std::numeric_limits<float>::infinity();
+    simd::floats top = simd::load(scores);
+    for (int at = width; at < padded; at += width) top = simd::max(top, simd::load(scores + at));
+    const float factor = state.raise_max(simd::max(top));
+    if (factor != 1.0f) {
+      const simd::floats scale = simd::broadcast(factor);
+      for (int d = 0; d < head_dim; d += width) simd::store(acc + d, simd::mul(scale, simd::load(acc + d)));
+    }
+    const simd::floats max = simd::broadcast(state.max);
+    simd::floats total = simd::zero();
+    for (int at = 0; at < padded; at += width) {
+      const simd::floats p = simd::exp(simd::sub(simd::load(scores + at), max));
+      simd::store(scores + at, p);
+      total = simd::add(total, p);
+    }
+    state.sum += simd::sum(total);
+  }
+}
+
+// scores[h][r] = q_h . k_r for `rows` rows of k ([rows][HeadDim]). simd::width rows at a time
+// are converted to fp32 once (into an L1-resident block), then for each head the per-row
+// partial dot products are summed by one transposing reduction instead of one per row.
+template <int HeadDim, class Storage>
+void score_rows(const Storage* k, int rows, const float* q, int heads, float (*scores)[tile_rows],
+                const Storage* prefetch) {
   if constexpr (use_simd<HeadDim>) {
-    constexpr int vectors = HeadDim / simd::width;
-    for (int r = 0; r < rows; ++r) {
-      simd::floats key[vectors];
-      for (int j = 0; j < vectors; ++j) key[j] = simd::load(k + r * HeadDim + j * simd::width);
-      for (int h = 0; h < Heads; ++h) {
-        const float* query = q + h * HeadDim;
-        simd::floats even = simd::zero(), odd = simd::zero();  // two chains hide FMA latency
-        for (int j = 0; j < vectors; j += 2) {
-          even = simd::fma(simd::load(query + j * simd::width), key[j], even);
-          odd = simd::fma(simd::load(query + (j + 1) * simd::width), key[j + 1], odd);
+    constexpr int width = simd::width, vectors = HeadDim / width;
+    alignas(64) float block[width * HeadDim];  // [width rows][HeadDim] as fp32
+    for (int first = 0; first < rows; first += width) {
+      const int count = std::min(width, rows - first);
+      for (int r = 0; r < count; ++r) {
+        prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim);
+        for (int j = 0; j < vectors; ++j)
+          simd::store(block + r * HeadDim + j * width, simd::load(k + (first + r) * HeadDim + j * width));
+      }
+      for (int h = 0; h < heads; ++h) {
+        simd::floats query[vectors];
+        for (int j = 0; j < vectors; ++j) query[j] = simd::load(q + h * HeadDim + j * width);
+        simd::floats partial[width];
+        for (int r = 0; r < width; ++r) {
+          if (r >= count) {
+            partial[r] = simd::zero();
+            continue;
+          }
+          simd::floats even = simd::zero(), odd = simd::zero();  // two chains hide FMA latency
+          for (int j = 0; j < vectors; j += 2) {
+            even = simd::fma(query[j], simd::load(block + r * HeadDim + j * width), even);
+            odd = simd::fma(query[j + 1], simd::load(block + r * HeadDim + (j + 1) * width), odd);
+          }
+          partial[r] = simd::add(even, odd);
         }
-        scores[h][r] = simd::sum(simd::add(even, odd));
+        alignas(64) float sums[width];
+        simd::store(sums, simd::sum_each(partial));
+        for (int r = 0; r < count; ++r) scores[h][first + r] = sums[r];
       }
     }
   }
 }
 
-// acc[h] += sum over rows r of p[h][r] * v_r, for `rows` rows of v ([rows][HeadDim]).
+// acc[h] += sum over rows r of p[h][r] * v_r for `Heads` heads and `rows` rows of v
+// ([rows][HeadDim]), a few registers of every head's accumulator at a time.
 template <int HeadDim, int Heads, class Storage>
-void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc) {
+void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, const Storage* prefetch) {
   if constexpr (use_simd<HeadDim>) {
     constexpr int vectors = HeadDim / simd::width;
-    for (int j = 0; j < vectors; j += 2) {  // two registers of every head's accumulator at a time
-      simd::floats sums[Heads][2];
-      for (int h = 0; h < Heads; ++h) {
-        sums[h][0] = simd::load(acc + h * HeadDim + j * simd::width);
-        sums[h][1] = simd::load(acc + h * HeadDim + (j + 1) * simd::width);
-      }
+    constexpr int step = simd::width == 16 ? 4 : 2;  // registers per head per pass: 4 x 4 + 4 of 32
+    for (int j = 0; j < vectors; j += step) {
+      simd::floats sums[Heads][step];
+      for (int h = 0; h < Heads; ++h)
+        for (int i = 0; i < step; ++i) sums[h][i] = simd::load(acc + h * HeadDim + (j + i) * simd::width);
       for (int r = 0; r < rows; ++r) {
-        const simd::floats low = simd::load(v + r * HeadDim + j * simd::width);
-        const simd::floats high = simd::load(v + r * HeadDim + (j + 1) * simd::width);
+        if (j == 0) prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + r * HeadDim);
+        simd::floats value[step];
+        for (int i = 0; i < step; ++i) value[i] = simd::load(v + r * HeadDim + (j + i) * simd::width);
         for (int h = 0; h < Heads; ++h) {
           const simd::floats weight = simd::broadcast(p[h][r]);
-          sums[h][0] = simd::fma(weight, low, sums[h][0]);
-          sums[h][1] = simd::fma(weight, high, sums[h][1]);
+          for (int i = 0; i < step; ++i) sums[h][i] = simd::fma(weight, value[i], sums[h][i]);
         }
       }
-      for (int h = 0; h < Heads; ++h) {
-        simd::store(acc + h * HeadDim + j * simd::width, sums[h][0]);
-        simd::store(acc + h * HeadDim + (j + 1) * simd::width, sums[h][1]);
-      }
+      for (int h = 0; h < Heads; ++h)
+        for (int i = 0; i < step; ++i) simd::store(acc + h * HeadDim + (j + i) * simd::width, sums[h][i]);
     }
   }
 }
 
 // Adds to (softmax, acc) the keys visible to the query at position `query` among positions
-// [lo, hi), for `Heads` query heads of kv-head `kv_head`.
-//   q:   [Heads][head_dim], already multiplied by the scale
-//   acc: [Heads][head_dim], unnormalized: sum of exp(s - softmax.max) * v
-template <int HeadDim, int Heads, class Storage>
+// [lo, hi), for `heads` query heads of kv-head `kv_head`.
+//   q:   [heads][head_dim], already multiplied by the scale
+//   acc: [heads][head_dim], unnormalized: sum of exp(s - softmax.max) * v
+template <int HeadDim, class Storage>
 void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int lo, int hi,
-                const float* q, float soft_cap, OnlineSoftmax* softmax, float* acc) {
+                const float* q, int heads, float soft_cap, OnlineSoftmax* softmax, float* acc) {
   constexpr int Extent = HeadDim == 0 ? Eigen::Dynamic : HeadDim;
   constexpr int Capacity = HeadDim == 0 ? ModelShape::max_head_dim : HeadDim;
   using Row = Eigen::Matrix<float, Extent, 1>;
   using StoredRow = Eigen::Matrix<Storage, Extent, 1>;
   const int head_dim = HeadDim == 0 ? view.head_dim : HeadDim;
-  float scores[heads_per_pass][tile_rows];  // [heads][rows] of the current tile
+  alignas(64) float scores[heads_per_pass][tile_rows];  // [heads][rows] of the current tile
 
+  std::pair<const Storage*, const Storage*> following{nullptr, nullptr};  // next segment's rows
   auto run_rows = [&](const Segment<Storage>& segment, int begin, int end) {
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;
     for (int tile = begin; tile < end; tile += tile_rows) {
@@ -129,33 +190,50 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * head_dim;
       const Storage* k = segment.k + head_offset + first_row;  // [rows][head_dim]
       const Storage* v = segment.v + head_offset + first_row;  // [rows][head_dim]
+      // Rows the next tile reads: later in this segment, or the start of the next one.
+      const bool last_tile = tile + rows >= end;
+      const Storage* next_k = last_tile ? following.first : k + rows * head_dim;
+      const Storage* next_v = last_tile ? following.second : v + rows * head_dim;
       if constexpr (use_simd<HeadDim>) {
-        score_rows<HeadDim, Heads>(k, rows, q, scores);
+        score_rows<HeadDim>(k, rows, q, heads, scores, next_k);
       } else {
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
           row = Eigen::Map<const StoredRow>(k + static_cast<std::size_t>(r) * head_dim, head_dim).template cast<float>();
-          for (int h = 0; h < Heads; ++h)
+          for (int h = 0; h < heads; ++h)
             scores[h][r] = Eigen::Map<const Row>(q + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
         }
       }
-      for (int h = 0; h < Heads; ++h) {
-        Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
-        if (soft_cap > 0.0f) s = soft_cap * (s / soft_cap).tanh();
-        const float factor = softmax[h].raise_max(s.maxCoeff());
-        if (factor != 1.0f) Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) *= factor;
-        s = (s - softmax[h].max).exp();
-        softmax[h].sum += s.sum();
+      for (int h = 0; h < heads; ++h) {
+        if (soft_cap > 0.0f) {
+          Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
+          s = soft_cap * (s / soft_cap).tanh();
+        }
+        float* acc_h = acc + static_cast<std::size_t>(h) * head_dim;
+        if constexpr (use_simd<HeadDim>) {
+          softmax_tile(scores[h], rows, softmax[h], acc_h, head_dim);
+        } else {
+          Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
+          const float factor = softmax[h].raise_max(s.maxCoeff());
+          if (factor != 1.0f) Eigen::Map<Row>(acc_h, head_dim) *= factor;
+          s = (s - softmax[h].max).exp();
+          softmax[h].sum += s.sum();
+        }
       }
       if constexpr (use_simd<HeadDim>) {
-        accumulate_rows<HeadDim, Heads>(v, rows, scores, acc);
+        for (int first = 0; first < heads; first += 4)  // V tile stays in L1 across the chunks
+          dispatch_heads(std::min(4, heads - first), [&](auto chunk) {
+            accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
+                                                             acc + static_cast<std::size_t>(first) * HeadDim,
+                                                             first == 0 ? next_v : nullptr);
+          });
       } else {
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
           row = Eigen::Map<const StoredRow>(v + static_cast<std::size_t>(r) * head_dim, head_dim).template cast<float>();
-          for (int h = 0; h < Heads; ++h)
+          for (int h = 0; h < heads; ++h)
             Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) += scores[h][r] * row;
         }
       }
@@ -168,6 +246,13 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   const int sinks_end = view.window == 0 ? 0 : std::min({view.sink_tokens, view.first_needed(query), query + 1, hi});
   for (int i = 0; i < view.segment_count(); ++i) {
     const Segment<Storage> segment = view.segment(i);
+    if (i + 1 < view.segment_count()) {
+      const Segment<Storage> next = view.segment(i + 1);
+      const std::size_t offset = static_cast<std::size_t>(kv_head) * next.head_stride;
+      following = {next.k + offset, next.v + offset};
+    } else {
+      following = {nullptr, nullptr};
+    }
     const int first = segment.first_position;
     const int last = first + segment.count;  // exclusive
     run_rows(segment, std::max(first, lo), std::min(last, sinks_end));
@@ -194,6 +279,7 @@ struct Scratch {
   std::vector<Task> tasks;
   std::vector<OnlineSoftmax> softmax;  // [tasks][heads_per_pass]
   std::vector<float> acc;              // [tasks][heads_per_pass][head_dim]
+  std::vector<float> q;                // [tasks][heads_per_pass][head_dim] scaled queries
 };
 inline Scratch& scratch() {
   thread_local Scratch instance;
@@ -209,23 +295,21 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
   const std::size_t partial = static_cast<std::size_t>(heads_per_pass) * head_dim;
   if (s.softmax.size() < s.tasks.size() * heads_per_pass) s.softmax.resize(s.tasks.size() * heads_per_pass);
   if (s.acc.size() < s.tasks.size() * partial) s.acc.resize(s.tasks.size() * partial);
+  if (s.q.size() < s.tasks.size() * partial) s.q.resize(s.tasks.size() * partial);
   const float scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
 
   dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
     constexpr int HeadDim = decltype(head_dim_constant)::value;
     auto work = [&](int t) {
       const Task& task = s.tasks[static_cast<std::size_t>(t)];
-      alignas(64) float q_scaled[heads_per_pass * ModelShape::max_head_dim];  // [heads][head_dim]
-      for (int e = 0; e < task.heads * head_dim; ++e) q_scaled[e] = scale * to_float(q[task.q_offset + e]);
       OnlineSoftmax* softmax = s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass;
       float* acc = s.acc.data() + static_cast<std::size_t>(t) * partial;
+      float* q_scaled = s.q.data() + static_cast<std::size_t>(t) * partial;  // [heads][head_dim]
+      for (int e = 0; e < task.heads * head_dim; ++e) q_scaled[e] = scale * to_float(q[task.q_offset + e]);
       std::fill(softmax, softmax + heads_per_pass, OnlineSoftmax{});
       std::fill(acc, acc + static_cast<std::size_t>(task.heads) * head_dim, 0.0f);
-      dispatch_heads(task.heads, [&](auto heads_constant) {
-        accumulate<HeadDim, decltype(heads_constant)::value>(views[static_cast<std::size_t>(task.view)], task.kv_head,
-                                                             task.query, task.lo, task.hi, q_scaled,
-                                                             params.soft_cap, softmax, acc);
-      });
+      accumulate<HeadDim>(views[static_cast<std::size_t>(task.view)], task.kv_head, task.query, task.lo, task.hi,
+                          q_scaled, task.heads, params.soft_cap, softmax, acc);
     };
     backend::cpu::pool().run(static_cast<int>(s.tasks.size()), work);
   });

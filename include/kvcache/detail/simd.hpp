@@ -35,6 +35,33 @@ inline floats fma(floats a, floats b, floats c) { return _mm512_fmadd_ps(a, b, c
 inline floats add(floats a, floats b) { return _mm512_add_ps(a, b); }
 inline floats mul(floats a, floats b) { return _mm512_mul_ps(a, b); }
 inline float sum(floats v) { return _mm512_reduce_add_ps(v); }
+inline floats max(floats a, floats b) { return _mm512_max_ps(a, b); }
+inline float max(floats v) { return _mm512_reduce_max_ps(v); }
+inline floats sub(floats a, floats b) { return _mm512_sub_ps(a, b); }
+inline floats round(floats v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline floats times_two_to(floats y, floats n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
+inline floats zero_below(floats y, floats x, float limit) {  // y where x >= limit, else 0
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_GE_OQ), y);
+}
+
+// Lane r of the result is the sum of the lanes of v[r], for width vectors: a transposing
+// reduction tree, 4 shuffle levels for 16 sums instead of 16 separate reductions.
+inline floats sum_each(const floats* v) {
+  floats halves[8], quarters[4], eighths[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit blocks 0,1 of v[i] + blocks 2,3, beside those of v[i + 8]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[i], halves[i + 4], 0x88),
+                                _mm512_shuffle_f32x4(halves[i], halves[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[i], quarters[i + 2], 0x44),
+                               _mm512_shuffle_ps(quarters[i], quarters[i + 2], 0xEE));
+  const floats sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
+                                    _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+  // The tree leaves the sum of v[r] in lane order[r]; the order is its own inverse.
+  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(order, sums);
+}
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
@@ -61,10 +88,52 @@ inline float sum(floats v) {
   return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
 }
 
+inline floats max(floats a, floats b) { return _mm256_max_ps(a, b); }
+inline float max(floats v) {
+  const __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+}
+inline floats sub(floats a, floats b) { return _mm256_sub_ps(a, b); }
+inline floats round(floats v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline floats times_two_to(floats y, floats n) {  // y * 2^n for n in [-126, 127]
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+}
+inline floats zero_below(floats y, floats x, float limit) {
+  return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(limit), _CMP_GE_OQ));
+}
+
+// Lane r of the result is the sum of the lanes of v[r], for width vectors.
+inline floats sum_each(const floats* v) {
+  const floats pairs0 = _mm256_hadd_ps(v[0], v[1]), pairs1 = _mm256_hadd_ps(v[2], v[3]);
+  const floats pairs2 = _mm256_hadd_ps(v[4], v[5]), pairs3 = _mm256_hadd_ps(v[6], v[7]);
+  const floats low = _mm256_hadd_ps(pairs0, pairs1), high = _mm256_hadd_ps(pairs2, pairs3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+}
+
 #else
 
 inline constexpr int width = 0;
 
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+// e^x to about 2 ulp (Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial);
+// exactly 0 below -87.3, where e^x leaves the normal floats (so e^-inf = 0).
+inline floats exp(floats x) {
+  const floats n = round(mul(x, broadcast(1.44269504f)));               // x / ln 2
+  floats r = fma(n, broadcast(-0.693359375f), x);                       // x - n ln 2, in two
+  r = fma(n, broadcast(2.12194440e-4f), r);                              // parts for accuracy
+  floats p = broadcast(1.9875691500e-4f);
+  p = fma(p, r, broadcast(1.3981999507e-3f));
+  p = fma(p, r, broadcast(8.3334519073e-3f));
+  p = fma(p, r, broadcast(4.1665795894e-2f));
+  p = fma(p, r, broadcast(1.6666665459e-1f));
+  p = fma(p, r, broadcast(5.0000001201e-1f));
+  const floats y = add(fma(mul(p, r), r, r), broadcast(1.0f));          // e^r
+  return zero_below(times_two_to(y, n), x, -87.3f);
+}
 #endif
 
 }  // namespace detail::simd
