@@ -43,7 +43,7 @@ namespace detail {
 
 namespace simd = kvcache::detail::simd;
 
-inline constexpr int heads_per_pass = 32;  // query heads sharing one read of K/V (a whole group,
+inline constexpr int heads_per_pass = 64;  // query heads sharing one read of K/V (a whole group,
                                            // for every common model; larger groups take passes)
 inline constexpr int tile_rows = 32;      // key rows scored before one softmax update
 inline constexpr int min_split_rows = 512;  // a token range worth a task of its own
@@ -260,18 +260,19 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   }
 }
 
-// One unit of work: `heads` query heads of a group at position `query`, keys in [lo, hi).
+// One unit of work: `heads` query heads of a group for `queries` consecutive query positions
+// starting at `query`, keys in [lo, hi). Its partial result has queries * heads rows
+// (<= heads_per_pass), query-major.
 struct Task {
   int view;
   int kv_head;
-  int first_head;  // within the group
   int heads;
   int query;
+  int queries;
   int lo, hi;
-  std::size_t q_offset;    // element offset of the first head's query
-  std::size_t out_offset;  // element offset of the first head's output
-  int split;               // index among the tasks of the same (view, kv_head, first_head, query)
-  int splits;
+  std::size_t q_offset;    // element offset of the first row's query (and output)
+  std::size_t row_stride;  // elements from one query's rows to the next (q_heads * head_dim)
+  int splits;              // tasks (consecutive, this one first) whose partials make one output
 };
 
 // Per-thread scratch that only grows: task lists and partial results.
@@ -286,8 +287,31 @@ inline Scratch& scratch() {
   return instance;
 }
 
-// Runs the tasks on the backend's threads and writes each (group of) output rows, merging the
-// partial softmax states of the splits of a task in order.
+// Computes one task's partial result. Keys before the first query are visible to every query
+// of the task, so all its rows share one pass over them (queries * heads rows per K/V row
+// read); each query then adds its own causal part [query, its position].
+template <int HeadDim, class Storage>
+void run_task(const SequenceView<Storage>& view, const Task& task, const float* q, float soft_cap,
+              OnlineSoftmax* softmax, float* acc, int head_dim) {
+  const int rows = task.queries * task.heads;
+  std::fill(softmax, softmax + rows, OnlineSoftmax{});
+  std::fill(acc, acc + static_cast<std::size_t>(rows) * head_dim, 0.0f);
+  if (task.queries == 1) {
+    accumulate<HeadDim>(view, task.kv_head, task.query, task.lo, task.hi, q, task.heads, soft_cap, softmax, acc);
+    return;
+  }
+  const int shared_end = std::min(task.hi, task.query);
+  if (shared_end > task.lo)
+    accumulate<HeadDim>(view, task.kv_head, task.query - 1, task.lo, shared_end, q, rows, soft_cap, softmax, acc);
+  for (int i = 0; i < task.queries; ++i) {
+    const std::size_t row = static_cast<std::size_t>(i) * task.heads;
+    accumulate<HeadDim>(view, task.kv_head, task.query + i, std::max(task.lo, task.query), task.hi,
+                        q + row * head_dim, task.heads, soft_cap, softmax + row, acc + row * head_dim);
+  }
+}
+
+// Runs the tasks on the backend's threads and writes each output row, merging the partial
+// softmax states of the splits of a task in order.
 template <class Storage, class Q, class O>
 void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out, const AttentionParams& params,
                int head_dim) {
@@ -297,59 +321,64 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
   if (s.acc.size() < s.tasks.size() * partial) s.acc.resize(s.tasks.size() * partial);
   if (s.q.size() < s.tasks.size() * partial) s.q.resize(s.tasks.size() * partial);
   const float scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
+  const std::size_t heads_span = static_cast<std::size_t>(head_dim);
 
   dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
     constexpr int HeadDim = decltype(head_dim_constant)::value;
     auto work = [&](int t) {
       const Task& task = s.tasks[static_cast<std::size_t>(t)];
-      OnlineSoftmax* softmax = s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass;
-      float* acc = s.acc.data() + static_cast<std::size_t>(t) * partial;
-      float* q_scaled = s.q.data() + static_cast<std::size_t>(t) * partial;  // [heads][head_dim]
-      for (int e = 0; e < task.heads * head_dim; ++e) q_scaled[e] = scale * to_float(q[task.q_offset + e]);
-      std::fill(softmax, softmax + heads_per_pass, OnlineSoftmax{});
-      std::fill(acc, acc + static_cast<std::size_t>(task.heads) * head_dim, 0.0f);
-      accumulate<HeadDim>(views[static_cast<std::size_t>(task.view)], task.kv_head, task.query, task.lo, task.hi,
-                          q_scaled, task.heads, params.soft_cap, softmax, acc);
+      float* q_scaled = s.q.data() + static_cast<std::size_t>(t) * partial;  // [queries][heads][head_dim]
+      for (int i = 0; i < task.queries; ++i)
+        for (std::size_t e = 0; e < task.heads * heads_span; ++e)
+          q_scaled[i * task.heads * heads_span + e] = scale * to_float(q[task.q_offset + i * task.row_stride + e]);
+      run_task<HeadDim>(views[static_cast<std::size_t>(task.view)], task, q_scaled, params.soft_cap,
+                        s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass,
+                        s.acc.data() + static_cast<std::size_t>(t) * partial, head_dim);
     };
     backend::cpu::pool().run(static_cast<int>(s.tasks.size()), work);
   });
 
-  // Merge: the splits of one output are consecutive tasks.
   for (std::size_t t = 0; t < s.tasks.size();) {
     const Task& first = s.tasks[t];
+    const int rows = first.queries * first.heads;
     OnlineSoftmax* softmax = s.softmax.data() + t * heads_per_pass;
     float* acc = s.acc.data() + t * partial;
     for (int split = 1; split < first.splits; ++split) {
       const OnlineSoftmax* other_softmax = s.softmax.data() + (t + split) * heads_per_pass;
       const float* other_acc = s.acc.data() + (t + split) * partial;
-      for (int h = 0; h < first.heads; ++h) {
+      for (int r = 0; r < rows; ++r) {
         float own = 0.0f, other = 0.0f;
-        softmax[h].merge(other_softmax[h], &own, &other);
-        Eigen::Map<Eigen::ArrayXf> mine(acc + static_cast<std::size_t>(h) * head_dim, head_dim);
-        mine = mine * own + Eigen::Map<const Eigen::ArrayXf>(other_acc + static_cast<std::size_t>(h) * head_dim, head_dim) * other;
+        softmax[r].merge(other_softmax[r], &own, &other);
+        Eigen::Map<Eigen::ArrayXf> mine(acc + static_cast<std::size_t>(r) * head_dim, head_dim);
+        mine = mine * own + Eigen::Map<const Eigen::ArrayXf>(other_acc + static_cast<std::size_t>(r) * head_dim, head_dim) * other;
       }
     }
-    for (int h = 0; h < first.heads; ++h)
-      for (int d = 0; d < head_dim; ++d)
-        out[first.out_offset + static_cast<std::size_t>(h) * head_dim + d] =
-            from_float<O>(acc[static_cast<std::size_t>(h) * head_dim + d] / softmax[h].sum);
+    for (int r = 0; r < rows; ++r) {
+      O* target = out + first.q_offset + static_cast<std::size_t>(r / first.heads) * first.row_stride +
+                  static_cast<std::size_t>(r % first.heads) * head_dim;
+      const float* source = acc + static_cast<std::size_t>(r) * head_dim;
+      const float inverse = 1.0f / softmax[r].sum;
+      for (int d = 0; d < head_dim; ++d) target[d] = from_float<O>(source[d] * inverse);
+    }
     t += static_cast<std::size_t>(first.splits);
   }
 }
 
-// Appends the tasks for the query at `query` of view `view`, split into `splits` token ranges.
-inline void add_tasks(std::vector<Task>& tasks, int view, int kv_heads, int group, int query, int first_key,
-                      int splits, std::size_t row_offset, int head_dim) {
+// Appends the tasks for `queries` consecutive queries from position `query` of view `view`
+// (row_offset: element offset of the first query's q and out rows), each (kv-head, head chunk)
+// split into `splits` token ranges of [first_key, last query].
+inline void add_tasks(std::vector<Task>& tasks, int view, int kv_heads, int group, int query, int queries,
+                      int first_key, int splits, std::size_t row_offset, std::size_t row_stride, int head_dim) {
+  const int heads_per_task = std::min(heads_per_pass / queries, group);
   for (int kv_head = 0; kv_head < kv_heads; ++kv_head)
-    for (int first_head = 0; first_head < group; first_head += heads_per_pass) {
-      const int heads = std::min(heads_per_pass, group - first_head);
+    for (int first_head = 0; first_head < group; first_head += heads_per_task) {
+      const int heads = std::min(heads_per_task, group - first_head);
       const std::size_t offset = row_offset + (static_cast<std::size_t>(kv_head) * group + first_head) * head_dim;
-      const long long keys = query + 1 - first_key;
+      const long long keys = query + queries - first_key;
       for (int split = 0; split < splits; ++split)
-        tasks.push_back({view, kv_head, first_head, heads, query,
-                         first_key + static_cast<int>(keys * split / splits),
-                         first_key + static_cast<int>(keys * (split + 1) / splits),
-                         offset, offset, split, splits});
+        tasks.push_back({view, kv_head, heads, query, queries, first_key + static_cast<int>(keys * split / splits),
+                         first_key + static_cast<int>(keys * (split + 1) / splits), offset, row_stride,
+                         split == 0 ? splits : 1});
     }
 }
 
@@ -375,8 +404,8 @@ void decode(std::span<const SequenceView<Storage>> views, int q_heads, const Q* 
     const int query = view.length - 1;
     const int first_key = view.sink_tokens > 0 ? 0 : view.first_needed(query);  // ranges split evenly
     const int splits = std::clamp((query + 1 - first_key) / detail::min_split_rows, 1, wanted);
-    detail::add_tasks(tasks, static_cast<int>(i), kv_heads, group, query, first_key, splits,
-                      i * static_cast<std::size_t>(q_heads) * head_dim, head_dim);
+    detail::add_tasks(tasks, static_cast<int>(i), kv_heads, group, query, 1, first_key, splits,
+                      i * static_cast<std::size_t>(q_heads) * head_dim, 0, head_dim);
   }
   detail::run_tasks(views, q, out, params, head_dim);
 }
@@ -391,11 +420,18 @@ template <class Storage, class Q, class O>
 void prefill(const SequenceView<Storage>& view, int q_heads, int queries, const Q* q, O* out,
              const AttentionParams& params) {
   const int group = q_heads / view.kv_heads;
+  // Queries share a pass over the keys before them in blocks of heads_per_pass rows (a sliding
+  // window gives each query its own first key, so there each query runs alone).
+  const int block = view.window == 0 ? std::max(1, detail::heads_per_pass / group) : 1;
+  const std::size_t row_stride = static_cast<std::size_t>(q_heads) * view.head_dim;
   auto& tasks = detail::scratch().tasks;
   tasks.clear();
-  for (int i = 0; i < queries; ++i)
-    detail::add_tasks(tasks, 0, view.kv_heads, group, view.length - queries + i, 0, 1,
-                      static_cast<std::size_t>(i) * q_heads * view.head_dim, view.head_dim);
+  for (int i = 0; i < queries; i += block) {
+    const int count = std::min(block, queries - i);
+    const int position = view.length - queries + i;
+    detail::add_tasks(tasks, 0, view.kv_heads, group, position, count, 0, 1, i * row_stride, row_stride,
+                      view.head_dim);
+  }
   detail::run_tasks(std::span<const SequenceView<Storage>>(&view, 1), q, out, params, view.head_dim);
 }
 
