@@ -3,6 +3,8 @@
 #   cmake/dev.sh demo    build the stories260K engine and tell a story (extra arguments go to it)
 #   cmake/dev.sh test    build everything and run every test (ctest)
 #   cmake/dev.sh asan    the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#                        (built without -march=native: the portable kernels)
+#   cmake/dev.sh avx2    the tests built for AVX2 without AVX-512 (the other SIMD kernels)
 #   cmake/dev.sh bench   build and run the benchmarks (extra arguments go to Google Benchmark)
 # Missing Debian packages are installed when run as root; otherwise the apt-get line is printed.
 set -euo pipefail
@@ -57,12 +59,16 @@ case "$command" in
     build asan
     ctest --preset asan -j "$jobs"
     ;;
+  avx2)
+    build avx2
+    ctest --preset avx2 -j "$jobs"
+    ;;
   bench)
     build default kvcache_bench
     ./build/default/benchmarks/kvcache_bench "$@"
     ;;
   *)
-    echo "usage: cmake/dev.sh demo | test | asan | bench [benchmark arguments]" >&2
+    echo "usage: cmake/dev.sh demo | test | asan | avx2 | bench [benchmark arguments]" >&2
     exit 2
     ;;
 esac

@@ -1,13 +1,16 @@
 // CPU attention kernels over SequenceView.
 //
 // Decode is bound by memory: every K/V byte of a sequence is read once per generated token.
-// So for one kv-head the query heads of its group share one pass over its rows: each K row is
-// loaded (and converted from f16/bf16 to fp32 in registers) once and scored against every head
-// of the group; scores are taken a tile of rows at a time and folded into an online softmax
-// (fp32 state), then each V row is loaded once and accumulated for every head, with the
-// accumulators in registers. Work is split over (sequence, kv-head) and, when that gives the
-// threads too little to do, over token ranges of long sequences, whose partial softmax states
-// are merged exactly afterwards.
+// So for one kv-head the query heads of its group share one pass over its rows. K rows are read
+// from the cache once, converted from f16/bf16 to fp32 as they are loaded, a SIMD width of rows
+// at a time (that small block stays in L1), and scored against every head; the per-row partial
+// dot products are summed by one transposing reduction. Scores are folded into an online
+// softmax (fp32 state) a tile of rows at a time, then each V row is read once and accumulated
+// for every head with the accumulators in registers. The next tile's rows are prefetched one
+// row per row computed. Work is split over (sequence, kv-head) and, when that leaves threads
+// idle, over token ranges of long sequences, whose partial softmax states are merged exactly.
+// Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
+// visible to all of its queries and read once for all of them.
 //
 // The fast path needs AVX-512 or AVX2+FMA+F16C and head_dim 64, 128 or 256; every other case
 // takes a portable Eigen path with the same structure. Nothing here allocates once a thread has
@@ -43,8 +46,8 @@ namespace detail {
 
 namespace simd = kvcache::detail::simd;
 
-inline constexpr int heads_per_pass = 64;  // query heads sharing one read of K/V (a whole group,
-                                           // for every common model; larger groups take passes)
+inline constexpr int heads_per_pass = 64;  // rows (query heads, or heads x queries in prefill)
+                                           // sharing one read of K/V; larger groups take passes
 inline constexpr int tile_rows = 32;      // key rows scored before one softmax update
 inline constexpr int min_split_rows = 512;  // a token range worth a task of its own
 
