@@ -280,13 +280,13 @@ class KVCache {
     return view;
   }
 
-  // Memory accounting. Uses the longest layer of each sequence. Allocates a little scratch
-  // (not for the decode loop).
+  // Memory accounting, by the longest layer of each sequence. Does not allocate; O(sequences)
+  // (plus O(blocks) for paged storage). Not to be called concurrently on one cache.
   MemoryStats stats() const {
     const std::size_t per_token = bytes_per_token<DType>(shape_);
-    std::vector<int> held(slots_.size(), 0);
+    std::vector<int>& held = held_scratch_;
     for (std::size_t slot = 0; slot < slots_.size(); ++slot)
-      if (slots_[slot].open) held[slot] = held_positions(static_cast<int>(slot));
+      held[slot] = slots_[slot].open ? held_positions(static_cast<int>(slot)) : 0;
     MemoryStats stats;
     stats.bytes_capacity = bytes_capacity_;
     stats.bytes_reserved = static_cast<std::size_t>(book_.pages_in_use()) * layout_.page_tokens() * per_token;
@@ -402,6 +402,7 @@ class KVCache {
   std::vector<SlotState> slots_;         // [max_sequences]
   std::vector<LayerState> layer_state_;  // [max_sequences][layers]
   std::vector<int> free_slots_;          // stack of closed slots, lowest on top
+  mutable std::vector<int> held_scratch_ = std::vector<int>(slots_.size());  // [max_sequences] for stats()
 };
 
 KVCACHE_END_NAMESPACE

@@ -79,11 +79,15 @@ inline void prefetch_row(const Storage* row) {
 template <int HeadDim>
 inline constexpr bool use_simd = simd::width > 0 && HeadDim > 0 && HeadDim % (2 * simd::width) == 0;
 
+#if KVCACHE_SIMD_WIDTH > 0
+
 // Folds one tile of scores into the online softmax: raises the running max (rescaling acc),
 // turns scores into exp(score - max) in place and adds them to the running sum.
 //   scores: [tile_rows], 64-byte aligned, the first `rows` valid
-inline void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc, int head_dim) {
-  if constexpr (simd::width > 0) {
+template <int HeadDim>
+void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc) {
+  {
+    constexpr int head_dim = HeadDim;
     constexpr int width = simd::width;
     const int padded = (rows + width - 1) / width * width;
     for (int r = rows; r < padded; ++r) scores[r] = -std::numeric_limits<float>::infinity();
@@ -111,7 +115,7 @@ inline void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* a
 template <int HeadDim, class Storage>
 void score_rows(const Storage* k, int rows, const float* q, int heads, float (*scores)[tile_rows],
                 const Storage* prefetch) {
-  if constexpr (use_simd<HeadDim>) {
+  {
     constexpr int width = simd::width, vectors = HeadDim / width;
     alignas(64) float block[width * HeadDim];  // [width rows][HeadDim] as fp32
     for (int first = 0; first < rows; first += width) {
@@ -149,7 +153,7 @@ void score_rows(const Storage* k, int rows, const float* q, int heads, float (*s
 // ([rows][HeadDim]), a few registers of every head's accumulator at a time.
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, const Storage* prefetch) {
-  if constexpr (use_simd<HeadDim>) {
+  {
     constexpr int vectors = HeadDim / simd::width;
     constexpr int step = simd::width == 16 ? 4 : 2;  // registers per head per pass: 4 x 4 + 4 of 32
     for (int j = 0; j < vectors; j += step) {
@@ -170,6 +174,18 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
     }
   }
 }
+
+#else  // no SIMD: declared for the discarded branches of accumulate(), never instantiated
+
+template <int HeadDim>
+void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc);
+template <int HeadDim, class Storage>
+void score_rows(const Storage* k, int rows, const float* q, int heads, float (*scores)[tile_rows],
+                const Storage* prefetch);
+template <int HeadDim, int Heads, class Storage>
+void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, const Storage* prefetch);
+
+#endif
 
 // Adds to (softmax, acc) the keys visible to the query at position `query` among positions
 // [lo, hi), for `heads` query heads of kv-head `kv_head`.
@@ -215,7 +231,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         }
         float* acc_h = acc + static_cast<std::size_t>(h) * head_dim;
         if constexpr (use_simd<HeadDim>) {
-          softmax_tile(scores[h], rows, softmax[h], acc_h, head_dim);
+          softmax_tile<HeadDim>(scores[h], rows, softmax[h], acc_h);
         } else {
           Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
           const float factor = softmax[h].raise_max(s.maxCoeff());

@@ -17,6 +17,7 @@ namespace detail::simd {
 
 #if defined(__AVX512F__)
 
+#define KVCACHE_SIMD_WIDTH 16
 inline constexpr int width = 16;  // floats per register
 using floats = __m512;
 
@@ -65,6 +66,7 @@ inline floats sum_each(const floats* v) {
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
+#define KVCACHE_SIMD_WIDTH 8
 inline constexpr int width = 8;
 using floats = __m256;
 
@@ -114,11 +116,12 @@ inline floats sum_each(const floats* v) {
 
 #else
 
+#define KVCACHE_SIMD_WIDTH 0
 inline constexpr int width = 0;
 
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if KVCACHE_SIMD_WIDTH > 0
 // e^x to about 2 ulp (Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial);
 // exactly 0 below -87.3, where e^x leaves the normal floats (so e^-inf = 0).
 inline floats exp(floats x) {

@@ -130,7 +130,8 @@ struct Paged {
     // Rows of the pool that hold a token of some sequence; a shared block counts once, as
     // full as the fullest sequence that owns it. held[slot]: positions slot holds (0: closed).
     std::size_t rows_holding_tokens(std::span<const int> held) const {
-      std::vector<int> fill(static_cast<std::size_t>(pool_.block_count()), 0);
+      std::vector<int>& fill = fill_scratch_;
+      std::fill(fill.begin(), fill.end(), 0);
       for (std::size_t slot = 0; slot < held.size(); ++slot) {
         const int blocks = std::min(tables_.count(static_cast<int>(slot)), blocks_for(held[slot]));
         for (int i = 0; i < blocks; ++i) {
@@ -165,6 +166,7 @@ struct Paged {
     int max_tokens_;
     BlockPool pool_;
     BlockTables tables_;
+    mutable std::vector<int> fill_scratch_ = std::vector<int>(static_cast<std::size_t>(pool_.block_count()));
   };
 };
 
