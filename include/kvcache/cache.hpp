@@ -11,8 +11,8 @@
 //                              attention::decode / prefill(cache, l, ...)
 //   when a request ends:       cache.release(seq)
 //
-// All memory is allocated in the constructor; reserve, append, view and the attention kernels
-// never allocate. Every public call validates its arguments first and throws kvcache::Error
+// All memory is allocated in the constructor; reserve, append, view and stats never allocate
+// (the attention kernels keep per-thread scratch that only grows). Every public call validates its arguments first and throws kvcache::Error
 // without changing anything, so after a failed call the cache is exactly as it was.
 //
 // Each layer keeps its own length: append(l, ...) extends layer l only, so attention in layer l
