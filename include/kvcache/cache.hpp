@@ -28,12 +28,16 @@
 #include <new>
 #include <ranges>
 #include <span>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "backend/cpu.hpp"
 #include "dtype/float.hpp"
 #include "error.hpp"
+#include "prefix/block_hash.hpp"
+#include "prefix/events.hpp"
 #include "sequence.hpp"
 #include "shape.hpp"
 #include "stats.hpp"
@@ -97,6 +101,7 @@ class KVCache {
     SlotState& state = slots_[static_cast<std::size_t>(slot)];
     state.open = true;
     state.reserved = 0;
+    audit_after_change();
     return {static_cast<std::uint32_t>(slot), state.generation};
   }
 
@@ -115,6 +120,7 @@ class KVCache {
     ++state.generation;
     for (int layer = 0; layer < shape_.layers; ++layer) layer_state(slot, layer) = {};
     free_slots_.push_back(slot);
+    audit_after_change();
   }
 
   // Positions every layer of seq holds.
@@ -159,11 +165,12 @@ class KVCache {
                    layout_.max_tokens_per_sequence(), " in this ", Layout::name, " cache");
     if (!book_.can_reserve(slot, min_length(slot), static_cast<int>(target)))
       detail::fail(errc::capacity_exceeded, "reserve(", seq, ", ", tokens, ") needs room for ",
-                   target, " positions, but only ", layout_.page_count() - book_.pages_in_use(),
-                   " of ", layout_.page_count(), " ", Layout::name,
-                   " pages are free; release or preempt a sequence");
+                   target, " positions, but only ", pages_available(), " of ",
+                   layout_.page_count(), " ", Layout::name,
+                   " pages are free or cached; release or preempt a sequence");
     book_.reserve(slot, min_length(slot), static_cast<int>(target), copier());
     state.reserved = static_cast<int>(target);
+    audit_after_change();
   }
 
   // Writes the K and V of n new tokens of layer `layer` at positions [length(seq, layer), +n).
@@ -210,6 +217,9 @@ class KVCache {
       state.first_held = std::max(state.first_held, state.length - retention_.ring_tokens);
   }
 
+  // The pages (blocks) that reserve() can still hand out, evicting cached prefixes if needed.
+  int pages_available() const { return layout_.page_count() - book_.pages_in_use(); }
+
   // Shortens every layer of seq to `length` positions (speculative-decoding rollback) and drops
   // its reservation beyond them. Throws Error{out_of_range} if length > length(seq), and, for a
   // sliding window, Error{position_overwritten} if attention at the new length would need a
@@ -221,8 +231,10 @@ class KVCache {
       detail::fail(errc::out_of_range, "truncate(", seq, ", ", length, "): the new length must be in [0, ",
                    current, "], the positions every layer holds");
     if (retention_.ring_tokens > 0) {
+      // Attention at the new length reads [needed, length) from the ring (nothing when the
+      // sinks cover it).
       const int needed = std::max(retention_.sink_tokens, length - retention_.window);
-      for (int layer = 0; layer < shape_.layers; ++layer) {
+      for (int layer = 0; layer < shape_.layers && needed < length; ++layer) {
         const LayerState& state = layer_state(slot, layer);
         if (state.first_held > needed)
           detail::fail(errc::position_overwritten, "truncate(", seq, ", ", length,
@@ -234,8 +246,14 @@ class KVCache {
       }
     }
     book_.truncate(slot, length);
-    for (int layer = 0; layer < shape_.layers; ++layer) layer_state(slot, layer).length = length;
+    for (int layer = 0; layer < shape_.layers; ++layer) {
+      LayerState& state = layer_state(slot, layer);
+      state.length = length;
+      // Positions from `length` on will be written afresh.
+      state.first_held = std::min(state.first_held, length);
+    }
     slots_[static_cast<std::size_t>(slot)].reserved = length;
+    audit_after_change();
   }
 
   // A new sequence with the same positions as seq (beam search, parallel sampling). Paged
@@ -260,6 +278,7 @@ class KVCache {
       layer_state(to, layer) = layer_state(from, layer);
     slots_[static_cast<std::size_t>(from)].reserved = length;
     slots_[static_cast<std::size_t>(to)].reserved = length;
+    audit_after_change();
     return child;
   }
 
@@ -280,13 +299,121 @@ class KVCache {
     return view;
   }
 
+  // ---- prefix caching (Paged storage) ----
+  //
+  // A prompt prefix that many requests share is computed and stored once. After a sequence's
+  // K/V of positions [0, n) are appended in every layer, publish_prefix(seq, ids[0, n)) makes
+  // its whole blocks matchable; a new sequence then starts with match_prefix(seq, prompt),
+  // which shares the longest published whole-block prefix (no copy) and says how many positions
+  // the engine may skip. Published blocks outlive their sequences as a cache, evicted
+  // least-recently-used when reserve() needs their room; a referenced or pinned block never is.
+  // Blocks are named by block_hash.hpp's chained hash (the same in every process) and verified
+  // against their token ids. `salt` isolates tenants or models: prefixes published under one
+  // salt never match under another.
+
+  // Shares into the freshly opened `seq` the published blocks holding the longest whole-block
+  // prefix of tokens, leaving at least the last token to compute (its logits start generation).
+  // Returns the positions now held: every layer's length, and reserved(seq). Throws
+  // Error{out_of_range} if seq holds or reserved positions already.
+  int match_prefix(SeqId seq, std::span<const std::int32_t> tokens, std::uint64_t salt = 0)
+    requires PrefixCachingPolicy<Layout>
+  {
+    const int slot = slot_of(seq, "match_prefix");
+    if (max_length(slot) != 0 || slots_[static_cast<std::size_t>(slot)].reserved != 0)
+      detail::fail(errc::out_of_range, "match_prefix(", seq, "): the sequence already holds ",
+                   max_length(slot), " and reserved ", slots_[static_cast<std::size_t>(slot)].reserved,
+                   " positions; match a prefix into a freshly opened sequence");
+    const std::size_t limit = std::min<std::size_t>(tokens.empty() ? 0 : tokens.size() - 1,
+                                                    static_cast<std::size_t>(layout_.max_tokens_per_sequence()));
+    const int matched = book_.match_prefix(slot, tokens, static_cast<int>(limit), prefix_root_of(salt), salt);
+    for (int layer = 0; layer < shape_.layers; ++layer) layer_state(slot, layer).length = matched;
+    slots_[static_cast<std::size_t>(slot)].reserved = matched;
+    audit_after_change();
+    return matched;
+  }
+
+  // Publishes the whole blocks holding positions [0, tokens.size()) of seq, whose token ids are
+  // `tokens`. Call it after a prefill step (and, for multi-turn chats, after generation) with
+  // every id so far; blocks published before are skipped. Throws Error{out_of_range} if some
+  // layer of seq holds fewer than tokens.size() positions.
+  void publish_prefix(SeqId seq, std::span<const std::int32_t> tokens, std::uint64_t salt = 0)
+    requires PrefixCachingPolicy<Layout>
+  {
+    const int slot = slot_of(seq, "publish_prefix");
+    if (tokens.size() > static_cast<std::size_t>(min_length(slot)))
+      detail::fail(errc::out_of_range, "publish_prefix(", seq, ") of ", tokens.size(),
+                   " token ids: every layer of the sequence must hold them, but one holds only ",
+                   min_length(slot), " positions");
+    book_.publish(slot, tokens, prefix_root_of(salt), salt);
+    audit_after_change();
+  }
+
+  // Pins the published blocks of the longest whole-block prefix of tokens (a system prompt) so
+  // that they are never evicted; returns the positions pinned. Pins count: unpin as often.
+  int pin_prefix(std::span<const std::int32_t> tokens, std::uint64_t salt = 0)
+    requires PrefixCachingPolicy<Layout>
+  {
+    const int pinned = book_.pin(tokens, prefix_root_of(salt), salt);
+    audit_after_change();
+    return pinned;
+  }
+
+  // Undoes pin_prefix(tokens) for the pinned blocks of that prefix; returns the positions unpinned.
+  int unpin_prefix(std::span<const std::int32_t> tokens, std::uint64_t salt = 0)
+    requires PrefixCachingPolicy<Layout>
+  {
+    const int unpinned = book_.unpin(tokens, prefix_root_of(salt), salt);
+    audit_after_change();
+    return unpinned;
+  }
+
+  // Forgets every published prefix and pin. Cached blocks are freed now; blocks that sequences
+  // use stay theirs. Open sequences may publish again.
+  void clear_prefix_cache()
+    requires PrefixCachingPolicy<Layout>
+  {
+    book_.clear_prefixes();
+    audit_after_change();
+  }
+
+  // Receives prefix-cache events (stored, shared, released, evicted); an empty function stops.
+  void set_prefix_observer(PrefixObserver observer)
+    requires PrefixCachingPolicy<Layout>
+  {
+    book_.set_observer(std::move(observer));
+  }
+
+  // Blocks in use, cached and free, waste and prefix-cache counters. Allocation-free; O(blocks).
+  PoolStats pool_stats() const
+    requires PrefixCachingPolicy<Layout>
+  {
+    return book_.stats(held_positions_by_slot());
+  }
+
+  // Checks every bookkeeping invariant (slots, reservations, and for paged storage: reference
+  // counts equal table entries, each block exactly one of free, cached or in use, cached blocks
+  // published); throws std::logic_error naming the first broken one. Runs after every changing
+  // call when KVCACHE_AUDIT is 1 (the default without NDEBUG). O(blocks + sequences); allocates.
+  void audit() const {
+    auto check = [](bool ok, const char* what, std::size_t slot) {
+      if (!ok)
+        throw std::logic_error(std::string("KVCache audit: ") + what + " (slot " + std::to_string(slot) + ")");
+    };
+    std::vector<int> closed(slots_.size(), 0);
+    for (int slot : free_slots_) ++closed[static_cast<std::size_t>(slot)];
+    for (std::size_t slot = 0; slot < slots_.size(); ++slot) {
+      check(closed[slot] == !slots_[slot].open, "a slot is neither open nor free exactly once", slot);
+      if (slots_[slot].open)
+        check(max_length(static_cast<int>(slot)) <= slots_[slot].reserved, "a layer holds unreserved positions", slot);
+    }
+    if constexpr (requires { book_.audit(); }) book_.audit();
+  }
+
   // Memory accounting, by the longest layer of each sequence. Does not allocate; O(sequences)
   // (plus O(blocks) for paged storage). Not to be called concurrently on one cache.
   MemoryStats stats() const {
     const std::size_t per_token = bytes_per_token<DType>(shape_);
-    std::vector<int>& held = held_scratch_;
-    for (std::size_t slot = 0; slot < slots_.size(); ++slot)
-      held[slot] = slots_[slot].open ? held_positions(static_cast<int>(slot)) : 0;
+    const std::span<const int> held = held_positions_by_slot();
     MemoryStats stats;
     stats.bytes_capacity = bytes_capacity_;
     stats.bytes_reserved = static_cast<std::size_t>(book_.pages_in_use()) * layout_.page_tokens() * per_token;
@@ -355,6 +482,21 @@ class KVCache {
     int length = 0;
     for (int layer = 0; layer < shape_.layers; ++layer) length = std::max(length, layer_state(slot, layer).length);
     return length;
+  }
+
+  // held[slot]: positions stored for each slot (0: closed), in scratch memory.
+  std::span<const int> held_positions_by_slot() const {
+    for (std::size_t slot = 0; slot < slots_.size(); ++slot)
+      held_scratch_[slot] = slots_[slot].open ? held_positions(static_cast<int>(slot)) : 0;
+    return held_scratch_;
+  }
+
+  BlockHash prefix_root_of(std::uint64_t salt) const {
+    return prefix_root<DType>(shape_, layout_.page_tokens(), salt);
+  }
+
+  void audit_after_change() const {
+    if constexpr (KVCACHE_AUDIT) audit();
   }
 
   // Positions stored for slot in its longest layer (sinks plus the held ring for a window).

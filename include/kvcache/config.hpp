@@ -31,3 +31,13 @@
 #include <cassert>
 #define KVCACHE_ASSERT(condition, message) assert((condition) && (message))
 #endif
+
+// Debug builds check the cache's bookkeeping after every call that changes it (see
+// KVCache::audit); define KVCACHE_AUDIT to 0 or 1 to choose.
+#ifndef KVCACHE_AUDIT
+#ifdef NDEBUG
+#define KVCACHE_AUDIT 0
+#else
+#define KVCACHE_AUDIT 1
+#endif
+#endif

@@ -11,6 +11,11 @@
 #include "dtype/concept.hpp"
 #include "dtype/float.hpp"
 
+#include "prefix/block_hash.hpp"
+#include "prefix/eviction.hpp"
+#include "prefix/events.hpp"
+#include "prefix/prefix_index.hpp"
+
 #include "storage/block_pool.hpp"
 #include "storage/block_table.hpp"
 #include "storage/concept.hpp"

@@ -14,9 +14,13 @@
 
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 
 #include "../config.hpp"
+#include "../prefix/block_hash.hpp"
+#include "../prefix/events.hpp"
+#include "../stats.hpp"
 #include "../view.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
@@ -75,6 +79,25 @@ concept StoragePolicy = std::copyable<P> && requires(
   // Fills view's segments for slot holding positions [0, length), ring from first_held, given
   // the layer's K and V pools; the rest of the view is the cache's to fill.
   { const_book.segments(slot, tokens, tokens, pool, pool, view) };
+};
+
+// A policy whose bookkeeping can publish whole blocks and share them with later sequences that
+// start with the same tokens (Paged). The cache passes the chain root (block_hash.hpp).
+template <class P>
+concept PrefixCachingPolicy = StoragePolicy<P> && requires(
+    typename P::bookkeeping book, const typename P::bookkeeping const_book, int slot,
+    std::span<const std::int32_t> tokens, BlockHash root, std::uint64_t salt,
+    std::span<const int> held) {
+  // Shares the published blocks of the longest whole-block prefix of tokens[0, limit) into an
+  // empty slot; returns the positions shared.
+  { book.match_prefix(slot, tokens, slot, root, salt) } -> std::same_as<int>;
+  { book.publish(slot, tokens, root, salt) };  // tokens: the ids of the slot's first positions
+  { book.pin(tokens, root, salt) } -> std::same_as<int>;
+  { book.unpin(tokens, root, salt) } -> std::same_as<int>;
+  { book.clear_prefixes() };
+  { book.set_observer(PrefixObserver{}) };
+  { const_book.stats(held) } -> std::same_as<PoolStats>;
+  { const_book.audit() };  // throws std::logic_error when the bookkeeping is inconsistent
 };
 
 KVCACHE_END_NAMESPACE

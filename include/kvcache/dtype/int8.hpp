@@ -1,0 +1,70 @@
+// Symmetric int8 quantization with one float scale per row: x ~ code * scale, code in
+// [-127, 127]. -128 is never produced, so the code range is symmetric and negation is exact.
+//
+// Error bound. With scale = int8_row_scale(row), every element x of the row satisfies
+//   |x - dequantized| <= scale / 2 = absmax / 254   in exact arithmetic;
+// float rounding adds at most absmax * 2^-22, plus 2^-141 when scale is subnormal
+// (absmax < 2^-119), where scale itself carries only a few significant bits.
+//
+// Non-finite inputs, which an engine should never write but must not crash on:
+//   NaN is treated as 0: it leaves the scale alone and encodes as code 0.
+//   +-inf saturates, like fp8: it leaves the scale alone and encodes as +-127.
+// A row with no nonzero finite element has scale 0, and every code is 0.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+
+#include "../config.hpp"
+
+KVCACHE_BEGIN_NAMESPACE
+
+inline constexpr int int8_max_code = 127;
+
+// absmax / 127 over the finite elements of `row`, rounded down where needed so that
+// 127 * scale <= absmax also in float: dequantized values never leave [-absmax, absmax], so a
+// row holding +-FLT_MAX does not dequantize to inf.
+inline float int8_row_scale(std::span<const float> row) noexcept {
+  float absmax = 0.0f;
+  for (const float x : row)
+    if (std::isfinite(x)) absmax = std::max(absmax, std::abs(x));
+  constexpr auto max_code = static_cast<float>(int8_max_code);
+  float scale = absmax / max_code;
+  while (max_code * scale > absmax) scale = std::nextafter(scale, 0.0f);  // at most one step
+  return scale;
+}
+
+// codes[i] = round(row[i] / scale), ties to even, clamped to [-127, 127]; NaN and inf as the
+// top of this header says, and every code 0 when scale is 0. A scale other than the row's
+// own (one shared by several rows, say) is fine: elements beyond 127 * scale saturate.
+// @pre codes.size() == row.size(); scale is finite and >= 0.
+inline void quantize_int8_row(std::span<const float> row, float scale,
+                              std::span<std::int8_t> codes) {
+  KVCACHE_ASSERT(codes.size() == row.size(), "quantize_int8_row: need one code per element");
+  KVCACHE_ASSERT(scale >= 0.0f && scale <= std::numeric_limits<float>::max(),
+                 "quantize_int8_row: scale must be finite and >= 0");
+  if (scale == 0.0f) {  // would divide by zero; every element is within 0 of 0 * code anyway
+    std::fill(codes.begin(), codes.end(), std::int8_t{0});
+    return;
+  }
+  constexpr auto max_code = static_cast<float>(int8_max_code);
+  for (std::size_t i = 0; i < row.size(); ++i) {
+    const float x = std::isnan(row[i]) ? 0.0f : row[i];
+    // Divide rather than multiply by 1 / scale: a subnormal scale has no finite reciprocal.
+    const float steps = std::clamp(x / scale, -max_code, max_code);
+    codes[i] = static_cast<std::int8_t>(std::nearbyint(steps));
+  }
+}
+
+// out[i] = codes[i] * scale.
+// @pre out.size() == codes.size().
+inline void dequantize_int8_row(std::span<const std::int8_t> codes, float scale,
+                                std::span<float> out) {
+  KVCACHE_ASSERT(out.size() == codes.size(), "dequantize_int8_row: need one output per code");
+  for (std::size_t i = 0; i < codes.size(); ++i) out[i] = static_cast<float>(codes[i]) * scale;
+}
+
+KVCACHE_END_NAMESPACE
