@@ -7,8 +7,9 @@
 // dot products are summed by one transposing reduction. Scores are folded into an online
 // softmax (fp32 state) a tile of rows at a time, then each V row is read once and accumulated
 // for every head with the accumulators in registers. The next tile's rows are prefetched one
-// row per row computed. Work is split over (sequence, kv-head) and, when that leaves threads
-// idle, over token ranges of long sequences, whose partial softmax states are merged exactly.
+// row per row computed. Work is split over (sequence, kv-head) and over token ranges of long
+// sequences (fixed by the sequence, so results are batch-invariant), whose partial softmax
+// states are merged in order.
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
 // visible to all of its queries and read once for all of them.
 //
@@ -412,17 +413,15 @@ void decode(std::span<const SequenceView<Storage>> views, int q_heads, const Q* 
             const AttentionParams& params) {
   if (views.empty()) return;
   const int head_dim = views[0].head_dim, kv_heads = views[0].kv_heads, group = q_heads / kv_heads;
-  const int units = static_cast<int>(views.size()) * kv_heads * ((group + detail::heads_per_pass - 1) / detail::heads_per_pass);
-  const int threads = backend::cpu::threads();
-  // Split long sequences by token range only when (sequence, kv-head) units leave threads idle.
-  const int wanted = units >= 4 * threads ? 1 : (4 * threads + units - 1) / units;
   auto& tasks = detail::scratch().tasks;
   tasks.clear();
   for (std::size_t i = 0; i < views.size(); ++i) {
     const SequenceView<Storage>& view = views[i];
     const int query = view.length - 1;
     const int first_key = view.sink_tokens > 0 ? 0 : view.first_needed(query);  // ranges split evenly
-    const int splits = std::clamp((query + 1 - first_key) / detail::min_split_rows, 1, wanted);
+    // The token ranges depend on the sequence alone, never on the batch or the thread count, so
+    // a sequence's output is bit for bit the same in any batch and on any number of threads.
+    const int splits = std::max(1, (query + 1 - first_key) / detail::min_split_rows);
     detail::add_tasks(tasks, static_cast<int>(i), kv_heads, group, query, 1, first_key, splits,
                       i * static_cast<std::size_t>(q_heads) * head_dim, 0, head_dim);
   }

@@ -332,7 +332,8 @@ struct Paged {
       for (std::size_t first = 0; first + BlockTokens <= tokens.size(); first += BlockTokens) {
         const auto ids = tokens.subspan(first, BlockTokens);
         const BlockHash hash = hash_block(link.hash, ids);
-        const std::int32_t block = index_.find(hash, {link.id, first == 0 ? salt : 0}, ids);
+        const PrefixIndex::Parent parent{link.id, first == 0 ? salt : std::uint64_t{0}};
+        const std::int32_t block = index_.find(hash, parent, ids);
         if (block < 0) return;
         link = {hash, index_.id(block)};
         visit(block, link);
