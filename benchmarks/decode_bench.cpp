@@ -9,6 +9,8 @@
 #include <benchmark/benchmark.h>
 
 #include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 
 #include "bench_support.hpp"
@@ -115,6 +117,56 @@ void register_policy(const char* policy) {
 const bool registered = [] {
   register_policy<Contiguous>("contiguous");
   register_policy<Paged<16>>("paged16");
+  return true;
+}();
+
+// Continuous batching: 64 Llama-3-8B f16 sequences of ragged lengths, uniform in
+// [T/2, 3T/2) with mean T, in one decode call over paged storage. Compare its bytes_per_second
+// with Decode/llama3_8b/paged16/f16/T:<T>/batch:1 on the same thread count in the same run.
+void DecodeRagged(benchmark::State& state, int mean_tokens, int threads) {
+  constexpr int batch = 64;
+  const Roofline& ceiling = roofline(threads);
+  const Geometry& g = geometries[0];
+  std::mt19937 rng(9);
+  std::vector<int> lengths(batch);
+  for (int& length : lengths) length = std::uniform_int_distribution<int>(mean_tokens / 2, mean_tokens * 3 / 2 - 1)(rng);
+  const int total = std::accumulate(lengths.begin(), lengths.end(), 0);
+  KVCache<Paged<16>, f16> cache({1, g.q_heads, g.kv_heads, g.head_dim},
+                                {.num_blocks = total / 16 + batch, .max_sequences = batch});
+  std::vector<SeqId> seqs;
+  const auto rows = random_values(static_cast<std::size_t>(mean_tokens) * 3 / 2 * g.kv_heads * g.head_dim, 4);
+  for (int length : lengths) {
+    const SeqId seq = cache.open();
+    cache.reserve(seq, length);
+    const std::span<const float> k(rows.data(), static_cast<std::size_t>(length) * g.kv_heads * g.head_dim);
+    cache.append(0, seq, k, k);
+    seqs.push_back(seq);
+  }
+  const auto q = random_values(static_cast<std::size_t>(batch) * g.q_heads * g.head_dim, 3);
+  std::vector<float> out(q.size());
+  for (auto _ : state) {
+    attention::decode(cache, 0, seqs, q, out);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double bytes = static_cast<double>(total) * g.kv_heads * g.head_dim * 2 * 2;
+  const double flops = 4.0 * g.q_heads * static_cast<double>(total) * g.head_dim;
+  using benchmark::Counter;
+  state.counters["tokens"] = mean_tokens;
+  state.counters["batch"] = batch;
+  state.counters["threads"] = threads;
+  state.counters["working_set_gib"] = bytes / (1 << 30);
+  state.counters["bytes_per_second"] = Counter(bytes, Counter::kIsIterationInvariantRate);
+  state.counters["roofline_fraction"] = Counter(ceiling.seconds(bytes, flops), Counter::kIsIterationInvariantRate);
+}
+
+const bool ragged_registered = [] {
+  for (int threads : {1, 2})
+    benchmark::RegisterBenchmark(("DecodeRagged/llama3_8b/paged16/f16/mean_T:4096/batch:64/threads:" +
+                                  std::to_string(threads)).c_str(),
+                                 [=](benchmark::State& state) { DecodeRagged(state, 4096, threads); })
+        ->Unit(benchmark::kMicrosecond)
+        ->UseRealTime();
   return true;
 }();
 
