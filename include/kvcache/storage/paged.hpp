@@ -1,10 +1,15 @@
-// Paged<BlockTokens>: one pool of blocks shared by all sequences and all layers.
+// Paged<BlockTokens, Eviction>: one pool of blocks shared by all sequences and all layers.
 //
 // A block holds BlockTokens positions of every layer's K and V: block id b is page b in every
 // layer's pool, so one block table per sequence serves all layers (as in vLLM). Sequences waste
-// at most one partly filled block each. fork() shares blocks by reference count; a shared block
-// is copied the first time a sequence reserves room to write into it (copy-on-write), so forking
-// a long sequence copies no K/V at all.
+// at most one partly filled block each. fork() shares blocks by reference count; a block others
+// may read (shared, published as a prefix, or pinned) is copied the first time a sequence
+// reserves room to write into it (copy-on-write), so forking a long sequence copies no K/V.
+//
+// Prefix caching: publish() registers a sequence's whole blocks in a PrefixIndex under their
+// chained hashes; match_prefix() shares them into a new sequence. A published block whose last
+// user leaves stays cached, a candidate of the Eviction policy (LRU by default), and is evicted
+// only when an allocation finds the free list empty.
 #pragma once
 
 #include <algorithm>
@@ -39,7 +44,8 @@ struct Paged {
   int num_blocks = 0;
   int max_sequences = 256;
   int max_tokens = 0;  // most positions per sequence; 0: the whole pool. Sizes the block tables
-                       // (max_sequences * ceil(max_tokens / BlockTokens) ids, allocated up front)
+                       // (max_sequences * ceil(max_tokens / BlockTokens) entries of 20 bytes,
+                       // allocated up front): set it with many sequences over a large pool
 
   // As many blocks as fit in budget_bytes.
   template <ElementType DType>
