@@ -303,6 +303,11 @@ TEST(Cache, SlidingWindowRollbackIsExactWithinTheSlack) {
   EXPECT_THROW(cache.truncate(seq, 9), Error);  // would need 5, overwritten at length 12
   append_positions(10, 14);
   EXPECT_EQ(held_positions(), (std::vector<int>{0, 8, 9, 10, 11, 12, 13}));
+  // Back to the sinks alone: attention there needs no ring position, and the ring refills.
+  cache.truncate(seq, 1);
+  EXPECT_EQ(held_positions(), (std::vector<int>{0}));
+  append_positions(1, 5);
+  EXPECT_EQ(held_positions(), (std::vector<int>{0, 1, 2, 3, 4}));
 }
 
 }  // namespace

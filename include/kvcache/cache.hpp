@@ -1,7 +1,7 @@
 // KVCache<Layout, DType, Backend>: the keys and values of every layer for a set of sequences.
 //
 //   Layout   how positions map to memory: Contiguous, Paged<BlockTokens>, SlidingWindow
-//   DType    how one element is stored: f32, f16, bf16
+//   DType    how one element is stored: f32, f16, bf16; int8, fp8_e4m3, fp8_e5m2 (+ a scale per row)
 //   Backend  where the bytes live: backend::cpu
 //
 // The step of an engine:
@@ -35,6 +35,8 @@
 
 #include "backend/cpu.hpp"
 #include "dtype/float.hpp"
+#include "dtype/fp8.hpp"
+#include "dtype/int8.hpp"
 #include "error.hpp"
 #include "prefix/block_hash.hpp"
 #include "prefix/events.hpp"
@@ -46,7 +48,7 @@
 
 KVCACHE_BEGIN_NAMESPACE
 
-template <StoragePolicy Layout, FloatElement DType, Backend B = backend::cpu>
+template <StoragePolicy Layout, CacheElement DType, Backend B = backend::cpu>
 class KVCache {
  public:
   using layout_type = Layout;
@@ -63,12 +65,15 @@ class KVCache {
         retention_(layout.retention()),
         pool_elements_(static_cast<std::size_t>(layout.page_count()) * shape.kv_heads *
                        layout.page_tokens() * shape.head_dim),
+        scale_bytes_(quantized ? pool_elements_ / shape.head_dim * sizeof(float) * 2 * shape.layers : 0),
         bytes_capacity_(bytes_for_tokens<DType>(
             shape, static_cast<std::size_t>(layout.page_count()) * layout.page_tokens())),
         memory_(allocate(bytes_capacity_), Release{bytes_capacity_}),
         slots_(static_cast<std::size_t>(layout.sequence_slots())),
         layer_state_(static_cast<std::size_t>(layout.sequence_slots()) * shape.layers) {
     static_assert(sizeof(storage_type) * 8 == DType::bits, "one storage unit per element");
+    KVCACHE_ASSERT(scale_bytes_ + 2 * shape.layers * pool_elements_ * sizeof(storage_type) == bytes_capacity_,
+                   "the memory math and the layout agree");
     free_slots_.reserve(slots_.size());
     for (int slot = layout.sequence_slots() - 1; slot >= 0; --slot) free_slots_.push_back(slot);
   }
@@ -199,17 +204,13 @@ class KVCache {
                    " positions, but only ", reserved, " are reserved; call reserve(seq, ", n,
                    ") first");
 
-    storage_type* k_pool = pool(layer, 0);
-    storage_type* v_pool = pool(layer, 1);
     for (int token = 0; token < n; ++token) {
       const PageRow at = book_.locate(slot, state.length + token);
       for (int head = 0; head < shape_.kv_heads; ++head) {
         const std::size_t source = (static_cast<std::size_t>(token) * shape_.kv_heads + head) * shape_.head_dim;
         const std::size_t target = row_offset(at.page, head, at.row);
-        for (int d = 0; d < shape_.head_dim; ++d) {
-          k_pool[target + d] = DType::from_float(to_float(k[source + d]));
-          v_pool[target + d] = DType::from_float(to_float(v[source + d]));
-        }
+        store_row(layer, 0, target, k.data() + source);
+        store_row(layer, 1, target, v.data() + source);
       }
     }
     state.length += n;
@@ -296,6 +297,15 @@ class KVCache {
     view.sink_tokens = retention_.sink_tokens;
     view.first_held = retention_.ring_tokens > 0 ? std::max(state.first_held, retention_.sink_tokens) : 0;
     book_.segments(slot, state.length, view.first_held, pool(layer, 0), pool(layer, 1), view);
+    if constexpr (quantized) {
+      view.k_scale_pool = scale_pool(layer, 0);
+      view.v_scale_pool = scale_pool(layer, 1);
+      for (int i = 0; i < view.direct_count; ++i) {
+        Segment<storage_type>& segment = view.direct[i];
+        segment.k_scale = view.k_scale_pool + (segment.k - pool(layer, 0)) / shape_.head_dim;
+        segment.v_scale = view.v_scale_pool + (segment.v - pool(layer, 1)) / shape_.head_dim;
+      }
+    }
     return view;
   }
 
@@ -443,9 +453,9 @@ class KVCache {
     return shape;
   }
 
-  static storage_type* allocate(std::size_t bytes) {
+  static std::byte* allocate(std::size_t bytes) {
     try {
-      return static_cast<storage_type*>(B::allocate(bytes));
+      return static_cast<std::byte*>(B::allocate(bytes));
     } catch (const std::bad_alloc&) {
       detail::fail(errc::capacity_exceeded, "the ", Layout::name, " cache could not allocate ",
                    bytes, " bytes on backend ", B::name, "; use a smaller policy or byte budget");
@@ -510,9 +520,33 @@ class KVCache {
     return sinks + state.length - std::max(state.first_held, sinks);
   }
 
-  // kind 0: K, 1: V. [page_count][kv_heads][page_tokens][head_dim]
+  static constexpr bool quantized = QuantizedElement<DType>;
+
+  // kind 0: K, 1: V. [page_count][kv_heads][page_tokens][head_dim], after every scale.
   storage_type* pool(int layer, int kind) const {
-    return memory_.get() + (static_cast<std::size_t>(layer) * 2 + kind) * pool_elements_;
+    return reinterpret_cast<storage_type*>(memory_.get() + scale_bytes_) +
+           (static_cast<std::size_t>(layer) * 2 + kind) * pool_elements_;
+  }
+  // Quantized types: the scale of each row of pool(layer, kind), [page_count][kv_heads][page_tokens].
+  float* scale_pool(int layer, int kind) const {
+    return reinterpret_cast<float*>(memory_.get()) +
+           (static_cast<std::size_t>(layer) * 2 + kind) * (pool_elements_ / shape_.head_dim);
+  }
+
+  // Converts one row of head_dim input values into the pool at element offset `target`.
+  template <class In>
+  void store_row(int layer, int kind, std::size_t target, const In* row) {
+    storage_type* stored = pool(layer, kind) + target;
+    if constexpr (quantized) {
+      alignas(64) float values[ModelShape::max_head_dim];
+      for (int d = 0; d < shape_.head_dim; ++d) values[d] = to_float(row[d]);
+      const std::span<const float> floats(values, static_cast<std::size_t>(shape_.head_dim));
+      const float scale = DType::row_scale(floats);
+      DType::quantize_row(floats, scale, stored);
+      scale_pool(layer, kind)[target / static_cast<std::size_t>(shape_.head_dim)] = scale;
+    } else {
+      for (int d = 0; d < shape_.head_dim; ++d) stored[d] = DType::from_float(to_float(row[d]));
+    }
   }
   std::size_t row_offset(int page, int head, int row) const {
     return ((static_cast<std::size_t>(page) * shape_.kv_heads + head) * layout_.page_tokens() + row) *
@@ -522,12 +556,17 @@ class KVCache {
   PageCopier copier() { return {this, &copy_rows}; }
   static void copy_rows(void* context, int from, int to, int rows) {
     auto& cache = *static_cast<KVCache*>(context);
-    const std::size_t bytes = static_cast<std::size_t>(rows) * cache.shape_.head_dim * sizeof(storage_type);
+    const std::size_t head_dim = static_cast<std::size_t>(cache.shape_.head_dim);
+    const std::size_t bytes = static_cast<std::size_t>(rows) * head_dim * sizeof(storage_type);
     for (int layer = 0; layer < cache.shape_.layers; ++layer)
       for (int kind = 0; kind < 2; ++kind)
-        for (int head = 0; head < cache.shape_.kv_heads; ++head)
-          B::copy(cache.pool(layer, kind) + cache.row_offset(to, head, 0),
-                  cache.pool(layer, kind) + cache.row_offset(from, head, 0), bytes);
+        for (int head = 0; head < cache.shape_.kv_heads; ++head) {
+          const std::size_t target = cache.row_offset(to, head, 0), source = cache.row_offset(from, head, 0);
+          B::copy(cache.pool(layer, kind) + target, cache.pool(layer, kind) + source, bytes);
+          if constexpr (quantized)
+            B::copy(cache.scale_pool(layer, kind) + target / head_dim,
+                    cache.scale_pool(layer, kind) + source / head_dim, static_cast<std::size_t>(rows) * sizeof(float));
+        }
   }
 
   ModelShape shape_;
@@ -535,12 +574,14 @@ class KVCache {
   typename Layout::bookkeeping book_;
   Retention retention_;
   std::size_t pool_elements_;  // elements of one layer's K (or V) pool
+  std::size_t scale_bytes_;    // quantized types: [layers][K, V][page_count][kv_heads][page_tokens] floats
   std::size_t bytes_capacity_;
   struct Release {
     std::size_t bytes;
-    void operator()(storage_type* memory) const noexcept { B::deallocate(memory, bytes); }
+    void operator()(std::byte* memory) const noexcept { B::deallocate(memory, bytes); }
   };
-  std::unique_ptr<storage_type, Release> memory_;  // [layers][K, V][page_count][kv_heads][page_tokens][head_dim]
+  // The scales (quantized types), then [layers][K, V][page_count][kv_heads][page_tokens][head_dim].
+  std::unique_ptr<std::byte, Release> memory_;
   std::vector<SlotState> slots_;         // [max_sequences]
   std::vector<LayerState> layer_state_;  // [max_sequences][layers]
   std::vector<int> free_slots_;          // stack of closed slots, lowest on top

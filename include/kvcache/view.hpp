@@ -5,7 +5,9 @@
 // kv-head stride `head_stride`). Contiguous storage gives one segment, a sliding window up to
 // three (sinks, older part of the ring, newer part), paged storage one per block. Softmax
 // attention does not depend on key order, so kernels visit segments in memory order and use the
-// positions only for the causal and window masks.
+// positions only for the causal and window masks. Quantized element types add one float scale
+// per row, [kv_head][token] beside the elements (kv-head stride head_stride / head_dim); float
+// types have none (null scale pointers).
 #pragma once
 
 #include <cstddef>
@@ -23,6 +25,8 @@ struct Segment {
   std::size_t head_stride = 0;    // elements from one kv-head's rows to the next
   int first_position = 0;         // position of row 0
   int count = 0;                  // rows, consecutive positions
+  const float* k_scale = nullptr;  // [kv_heads][count] per-row scales of k; null: none
+  const float* v_scale = nullptr;  // same layout, of v
 };
 
 template <class Storage>
@@ -35,6 +39,8 @@ struct SequenceView {
   // Paged storage: block i holds positions [i * block_tokens, (i + 1) * block_tokens).
   const Storage* k_pool = nullptr;        // [num_blocks][kv_heads][block_tokens][head_dim]
   const Storage* v_pool = nullptr;        // same layout as k_pool
+  const float* k_scale_pool = nullptr;    // [num_blocks][kv_heads][block_tokens]; null: no scales
+  const float* v_scale_pool = nullptr;    // same layout, of v
   const std::int32_t* block_ids = nullptr;  // [block_count] block of each run of positions
   int block_count = 0;
   int block_tokens = 0;
@@ -59,7 +65,10 @@ struct SequenceView {
         static_cast<std::size_t>(block_ids[block]) * kv_heads * head_stride;
     const int first = block * block_tokens;
     const int count = length - first < block_tokens ? length - first : block_tokens;
-    return {k_pool + offset, v_pool + offset, head_stride, first, count};
+    const std::size_t scale_offset = offset / static_cast<std::size_t>(head_dim);
+    return {k_pool + offset, v_pool + offset, head_stride, first, count,
+            k_scale_pool == nullptr ? nullptr : k_scale_pool + scale_offset,
+            v_scale_pool == nullptr ? nullptr : v_scale_pool + scale_offset};
   }
 
   // The first non-sink position that a query at `query` sees.

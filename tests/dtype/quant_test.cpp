@@ -1,3 +1,4 @@
+#include <kvcache/dtype/float.hpp>
 #include <kvcache/dtype/fp8.hpp>
 #include <kvcache/dtype/int4.hpp>
 #include <kvcache/dtype/int8.hpp>
@@ -513,6 +514,63 @@ TEST(Int4, BrokenPreconditionsAreCaught) {
   EXPECT_THROW(quantize_int4_group(group, {nan, 0.0f}, packed), std::logic_error);
   EXPECT_THROW(quantize_int4_group(group, {1.0f, inf}, packed), std::logic_error);
   EXPECT_THROW(dequantize_int4_group(packed, {1.0f, 0.0f}, out), std::logic_error);  // needs 3
+}
+
+// The fp8 cache elements: one scale per row, the documented per-element bound on random rows
+// across magnitudes, and the non-finite rules (NaN stored as 0, inf saturated to the absmax).
+template <class Element>
+void check_fp8_rows(double relative, double absolute_of_absmax) {
+  std::mt19937 rng(77);
+  std::vector<typename Element::storage_type> codes(128);
+  double worst = 0.0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    const float magnitude = std::ldexp(1.0f, std::uniform_int_distribution<int>(-60, 60)(rng));
+    std::normal_distribution<float> normal(0.0f, magnitude);
+    std::vector<float> row(128);
+    for (float& x : row) x = normal(rng) * (std::uniform_int_distribution<int>(0, 9)(rng) == 0 ? 1e-6f : 1.0f);
+    const float scale = Element::row_scale(row);
+    Element::quantize_row(row, scale, codes.data());
+    float absmax = 0.0f;
+    for (float x : row) absmax = std::max(absmax, std::abs(x));
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      const double stored = static_cast<double>(Element::decode(codes[i])) * scale;
+      const double bound = std::max(std::abs(row[i]) * relative, absmax * absolute_of_absmax) * (1 + 1e-6);
+      const double error = std::abs(stored - row[i]);
+      ASSERT_LE(error, bound) << Element::name << " x = " << row[i] << " absmax " << absmax;
+      worst = std::max(worst, error / std::max(std::abs(static_cast<double>(row[i])), 1e-300));
+    }
+  }
+  EXPECT_GT(worst, relative * 0.5) << "the bound is far from tight: is the test still testing?";
+}
+
+TEST(Fp8Element, RowErrorWithinTheDocumentedBound) {
+  check_fp8_rows<fp8_e4m3>(std::ldexp(1.0, -4), std::ldexp(1.0, -18));
+  check_fp8_rows<fp8_e5m2>(std::ldexp(1.0, -3), std::ldexp(1.0, -32));
+}
+
+TEST(Fp8Element, NonFiniteInputsNeverStoreNonFiniteCodes) {
+  const std::vector<float> row{1.0f, -2.0f, nan, inf, -inf, 0.0f};
+  std::vector<fp8_e4m3_code> codes(row.size());
+  const float scale = fp8_e4m3::row_scale(row);
+  EXPECT_EQ(scale, 2.0f / 448.0f);
+  fp8_e4m3::quantize_row(row, scale, codes.data());
+  std::vector<float> stored;
+  for (auto code : codes) stored.push_back(fp8_e4m3::decode(code) * scale);
+  EXPECT_EQ(stored, (std::vector<float>{1.0f, -2.0f, 0.0f, 2.0f, -2.0f, 0.0f}));
+  const std::vector<float> zeros(8, 0.0f);
+  EXPECT_EQ(fp8_e5m2::row_scale(zeros), 0.0f);
+  std::vector<fp8_e5m2_code> zero_codes(8, fp8_e5m2_code{0x55});
+  fp8_e5m2::quantize_row(zeros, 0.0f, zero_codes.data());
+  for (auto code : zero_codes) EXPECT_EQ(fp8_e5m2::decode(code), 0.0f);
+}
+
+TEST(Int8Element, IsTheInt8RowCodec) {
+  static_assert(QuantizedElement<int8> && QuantizedElement<fp8_e4m3> && QuantizedElement<fp8_e5m2>);
+  static_assert(!FloatElement<int8> && CacheElement<int8> && CacheElement<f16>);
+  const std::vector<float> row{0.5f, -1.27f, 0.0f, 1.0f};
+  std::vector<std::int8_t> codes(4);
+  int8::quantize_row(row, int8::row_scale(row), codes.data());
+  EXPECT_EQ(codes, (std::vector<std::int8_t>{50, -127, 0, 100}));
 }
 
 }  // namespace

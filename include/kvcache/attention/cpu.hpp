@@ -34,6 +34,8 @@
 #include "../backend/cpu.hpp"
 #include "../detail/simd.hpp"
 #include "../dtype/float.hpp"
+#include "../dtype/fp8.hpp"
+#include "../dtype/int8.hpp"
 #include "../shape.hpp"
 #include "../view.hpp"
 #include "online_softmax.hpp"
@@ -188,6 +190,18 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 
 #endif
 
+// row[d] = the stored value (the code, for quantized types) of element d, as fp32.
+template <class Storage>
+inline void load_row(const Storage* stored, int head_dim, float* row) {
+  for (int d = 0; d < head_dim; ++d) row[d] = to_float(stored[d]);
+}
+
+// scores[h][r] *= scale[r] for every head of a tile.
+inline void scale_scores(float (*scores)[tile_rows], int heads, int rows, const float* scale) {
+  for (int h = 0; h < heads; ++h)
+    for (int r = 0; r < rows; ++r) scores[h][r] *= scale[r];
+}
+
 // Adds to (softmax, acc) the keys visible to the query at position `query` among positions
 // [lo, hi), for `heads` query heads of kv-head `kv_head`.
 //   q:   [heads][head_dim], already multiplied by the scale
@@ -198,7 +212,6 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   constexpr int Extent = HeadDim == 0 ? Eigen::Dynamic : HeadDim;
   constexpr int Capacity = HeadDim == 0 ? ModelShape::max_head_dim : HeadDim;
   using Row = Eigen::Matrix<float, Extent, 1>;
-  using StoredRow = Eigen::Matrix<Storage, Extent, 1>;
   const int head_dim = HeadDim == 0 ? view.head_dim : HeadDim;
   alignas(64) float scores[heads_per_pass][tile_rows];  // [heads][rows] of the current tile
 
@@ -220,11 +233,15 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
-          row = Eigen::Map<const StoredRow>(k + static_cast<std::size_t>(r) * head_dim, head_dim).template cast<float>();
+          load_row(k + static_cast<std::size_t>(r) * head_dim, head_dim, row_data);
           for (int h = 0; h < heads; ++h)
             scores[h][r] = Eigen::Map<const Row>(q + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
         }
       }
+      // Quantized rows: the scale of a K row multiplies its scores, that of a V row its weights.
+      const std::size_t scale_offset = static_cast<std::size_t>(kv_head) * (segment.head_stride / head_dim) +
+                                       static_cast<std::size_t>(tile - segment.first_position);
+      if (segment.k_scale != nullptr) scale_scores(scores, heads, rows, segment.k_scale + scale_offset);
       for (int h = 0; h < heads; ++h) {
         if (soft_cap > 0.0f) {
           Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
@@ -241,6 +258,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
           softmax[h].sum += s.sum();
         }
       }
+      if (segment.v_scale != nullptr) scale_scores(scores, heads, rows, segment.v_scale + scale_offset);
       if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads; first += 4)  // V tile stays in L1 across the chunks
           dispatch_heads(std::min(4, heads - first), [&](auto chunk) {
@@ -252,7 +270,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
-          row = Eigen::Map<const StoredRow>(v + static_cast<std::size_t>(r) * head_dim, head_dim).template cast<float>();
+          load_row(v + static_cast<std::size_t>(r) * head_dim, head_dim, row_data);
           for (int h = 0; h < heads; ++h)
             Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) += scores[h][r] * row;
         }

@@ -1,5 +1,5 @@
 // The few SIMD operations the CPU kernels need, for AVX-512 and AVX2 (+FMA, F16C), with
-// f16 and bf16 converted to fp32 in registers as they are loaded. Without either instruction
+// f16, bf16, int8 and fp8 converted to fp32 in registers as they are loaded. Without either instruction
 // set `simd::width` is 0 and the kernels take their portable Eigen path.
 #pragma once
 
@@ -10,6 +10,7 @@
 #endif
 
 #include "../config.hpp"
+#include "../dtype/fp8.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -28,6 +29,21 @@ inline floats load(const Eigen::half* p) {
 inline floats load(const Eigen::bfloat16* p) {  // bf16 is the upper half of an fp32
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline floats load(const std::int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline floats load(const fp8_e5m2_code* p) {  // E5M2 is the upper byte of an f16
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8));
+}
+// E4M3's exponent and mantissa moved into an f16's are the value times 2^-8, subnormals too
+// (codes are never NaN in a cache: quantization stores NaN as 0).
+inline floats load(const fp8_e4m3_code* p) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8);
+  const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7F)), 7);
+  return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, magnitude)), _mm512_set1_ps(256.0f));
 }
 inline void store(float* p, floats v) { _mm512_storeu_ps(p, v); }
 inline floats zero() { return _mm512_setzero_ps(); }
@@ -77,6 +93,20 @@ inline floats load(const Eigen::half* p) {
 inline floats load(const Eigen::bfloat16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline floats load(const std::int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline floats load(const fp8_e5m2_code* p) {  // E5M2 is the upper byte of an f16
+  return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 8));
+}
+// E4M3's exponent and mantissa moved into an f16's are the value times 2^-8, subnormals too
+// (codes are never NaN in a cache: quantization stores NaN as 0).
+inline floats load(const fp8_e4m3_code* p) {
+  const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i sign = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x80)), 8);
+  const __m128i magnitude = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x7F)), 7);
+  return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, magnitude)), _mm256_set1_ps(256.0f));
 }
 inline void store(float* p, floats v) { _mm256_storeu_ps(p, v); }
 inline floats zero() { return _mm256_setzero_ps(); }

@@ -2,11 +2,14 @@
 //
 // All byte math goes through bit widths, so a packed sub-byte type (int4) is an ordinary type,
 // and a quantized type states the bits of scale data it keeps per row (one token of one kv-head,
-// head_dim elements). Plain floating types keep no scales and convert element by element;
-// they also satisfy FloatElement, which is what the attention kernels of this version read.
+// head_dim elements). Plain floating types keep no scales and convert element by element
+// (FloatElement); row-quantized types keep one float scale per row (QuantizedElement). The
+// cache and the attention kernels take either (CacheElement).
 #pragma once
 
 #include <concepts>
+#include <cstddef>
+#include <span>
 #include <string_view>
 
 #include "../config.hpp"
@@ -28,6 +31,21 @@ concept FloatElement = ElementType<T> && (T::scale_bits == 0) &&
       { T::to_float(stored) } -> std::same_as<float>;
       { T::from_float(value) } -> std::same_as<typename T::storage_type>;
     };
+
+// An element type quantized a row at a time with one float scale per row: a row x is stored as
+// codes c with x[i] ~ decode(c[i]) * scale. Kernels read decode(c) and apply the scale once per
+// row (to the score for K, to the softmax weight for V), so dequantization costs no extra pass.
+template <class T>
+concept QuantizedElement = ElementType<T> && (T::scale_bits == 32) &&
+    requires(std::span<const float> row, float scale, typename T::storage_type* codes,
+             typename T::storage_type code) {
+      { T::row_scale(row) } -> std::same_as<float>;  // finite, >= 0
+      { T::quantize_row(row, scale, codes) };         // row.size() codes
+      { T::decode(code) } -> std::same_as<float>;
+    };
+
+template <class T>
+concept CacheElement = FloatElement<T> || QuantizedElement<T>;
 
 // Bytes that one row of `elements` values takes, scales included.
 // @pre elements * T::bits is a whole number of bytes (head_dim even for 4-bit types).

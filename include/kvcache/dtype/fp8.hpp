@@ -12,10 +12,14 @@
 // fp8 value in a float; subnormals are handled in both directions, and -0 stays -0.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <bit>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <span>
 
 #include "../config.hpp"
 
@@ -131,5 +135,55 @@ using fp8_e5m2_codec = fp8_codec<5, 2, fp8_specials::ieee>;
 static_assert(fp8_e4m3_codec::max_finite == 448.0f && fp8_e5m2_codec::max_finite == 57344.0f);
 static_assert(fp8_e4m3_codec::decode(fp8_e4m3_codec::max_code) == fp8_e4m3_codec::max_finite);
 static_assert(fp8_e5m2_codec::decode(fp8_e5m2_codec::max_code) == fp8_e5m2_codec::max_finite);
+
+// One fp8 code as stored in a cache: distinct types per format, so a kernel picks the right
+// conversion from the storage type alone.
+struct fp8_e4m3_code {
+  std::uint8_t bits;
+};
+struct fp8_e5m2_code {
+  std::uint8_t bits;
+};
+
+// The fp8 cache elements, with one float scale per row (token and kv-head): the row is divided
+// by absmax / max_finite before encoding, so every row uses the whole fp8 range. A row of 128
+// elements takes 132 bytes. Error bound per element x of a row with absmax m:
+//   E4M3: |x - x'| <= max(|x| * 2^-4, m * 2^-18)    (3 mantissa bits; subnormals below m/2^6/448)
+//   E5M2: |x - x'| <= max(|x| * 2^-3, m * 2^-32)
+// NaN inputs are stored as 0 and +-inf saturate to +-absmax of the finite elements, as int8
+// does, so a cache never holds a NaN or inf code.
+template <class Codec, class Code, const char* Name>
+struct fp8_element {
+  using storage_type = Code;
+  static constexpr const char* name = Name;
+  static constexpr int bits = 8;
+  static constexpr int scale_bits = 32;
+
+  static float row_scale(std::span<const float> row) noexcept {
+    float absmax = 0.0f;
+    for (const float x : row)
+      if (std::isfinite(x)) absmax = std::max(absmax, std::abs(x));
+    return absmax / Codec::max_finite;
+  }
+  static void quantize_row(std::span<const float> row, float scale, Code* codes) {
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      const float x = std::isnan(row[i]) || scale == 0.0f ? 0.0f : row[i] / scale;
+      codes[i] = {Codec::encode(x)};
+    }
+  }
+  KVCACHE_HOST_DEVICE static constexpr float decode(Code code) noexcept { return Codec::decode(code.bits); }
+};
+
+namespace detail {
+inline constexpr char fp8_e4m3_name[] = "fp8_e4m3";
+inline constexpr char fp8_e5m2_name[] = "fp8_e5m2";
+}  // namespace detail
+
+using fp8_e4m3 = fp8_element<fp8_e4m3_codec, fp8_e4m3_code, detail::fp8_e4m3_name>;
+using fp8_e5m2 = fp8_element<fp8_e5m2_codec, fp8_e5m2_code, detail::fp8_e5m2_name>;
+
+// A stored code as the kernels read it (times the row's scale).
+KVCACHE_HOST_DEVICE constexpr float to_float(fp8_e4m3_code code) noexcept { return fp8_e4m3::decode(code); }
+KVCACHE_HOST_DEVICE constexpr float to_float(fp8_e5m2_code code) noexcept { return fp8_e5m2::decode(code); }
 
 KVCACHE_END_NAMESPACE

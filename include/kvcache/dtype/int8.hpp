@@ -19,6 +19,7 @@
 #include <span>
 
 #include "../config.hpp"
+#include "concept.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -66,5 +67,23 @@ inline void dequantize_int8_row(std::span<const std::int8_t> codes, float scale,
   KVCACHE_ASSERT(out.size() == codes.size(), "dequantize_int8_row: need one output per code");
   for (std::size_t i = 0; i < codes.size(); ++i) out[i] = static_cast<float>(codes[i]) * scale;
 }
+
+// The int8 cache element: symmetric, one float scale per row (token and kv-head), so a row of
+// 128 elements takes 132 bytes (f16: 256). Error bound per element: the row's absmax / 254.
+struct int8 {
+  using storage_type = std::int8_t;
+  static constexpr const char* name = "int8";
+  static constexpr int bits = 8;
+  static constexpr int scale_bits = 32;
+
+  static float row_scale(std::span<const float> row) noexcept { return int8_row_scale(row); }
+  static void quantize_row(std::span<const float> row, float scale, std::int8_t* codes) {
+    quantize_int8_row(row, scale, {codes, row.size()});
+  }
+  KVCACHE_HOST_DEVICE static constexpr float decode(std::int8_t code) noexcept { return code; }
+};
+
+// A stored code as the kernels read it (times the row's scale).
+KVCACHE_HOST_DEVICE constexpr float to_float(std::int8_t code) noexcept { return code; }
 
 KVCACHE_END_NAMESPACE

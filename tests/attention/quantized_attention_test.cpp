@@ -1,0 +1,116 @@
+// Quantized caches (int8, fp8 E4M3/E5M2 with a scale per row): the cache stores exactly what
+// the element type's row quantization gives, allocates exactly what the memory math says, and
+// attention over it equals the fp64 oracle run on the dequantized values up to the kernel's
+// own rounding: the kernel adds no error beyond quantization.
+#include <kvcache/kvcache.hpp>
+
+#include "../support/oracle.hpp"
+
+namespace kvcache::testing {
+namespace {
+
+constexpr double kernel_bound = 1e-5;
+
+// What the cache holds for rows [n][kv_heads][head_dim]: each (token, kv-head) row quantized
+// with its own scale, then decoded.
+template <class DType>
+Rows dequantized(const Rows& rows, int head_dim) {
+  Rows out(rows.size());
+  std::vector<typename DType::storage_type> codes(static_cast<std::size_t>(head_dim));
+  for (std::size_t first = 0; first < rows.size(); first += static_cast<std::size_t>(head_dim)) {
+    const std::span<const float> row(rows.data() + first, static_cast<std::size_t>(head_dim));
+    const float scale = DType::row_scale(row);
+    DType::quantize_row(row, scale, codes.data());
+    for (int d = 0; d < head_dim; ++d) out[first + d] = DType::decode(codes[d]) * scale;
+  }
+  return out;
+}
+
+template <class C>
+class QuantizedAttentionTest : public ::testing::Test {};
+using QuantizedConfigs = ::testing::Types<
+    Config<Contiguous, int8>, Config<Paged<16>, int8>, Config<SlidingWindow, int8>,
+    Config<Contiguous, fp8_e4m3>, Config<Paged<16>, fp8_e4m3>, Config<SlidingWindow, fp8_e4m3>,
+    Config<Contiguous, fp8_e5m2>, Config<Paged<16>, fp8_e5m2>, Config<SlidingWindow, fp8_e5m2>>;
+TYPED_TEST_SUITE(QuantizedAttentionTest, QuantizedConfigs, ConfigName);
+
+TYPED_TEST(QuantizedAttentionTest, AllocatesExactlyWhatTheMemoryMathPredicts) {
+  using C = TypeParam;
+  const ModelShape shape{3, 8, 2, 24};
+  const auto layout = make_layout<typename C::Layout>();
+  const KVCache<typename C::Layout, typename C::DType> cache(shape, layout);
+  const std::size_t tokens = static_cast<std::size_t>(layout.page_count()) * layout.page_tokens();
+  EXPECT_EQ(bytes_per_token<typename C::DType>(shape), 2u * 3 * 2 * (24 + 4));  // a float scale per row
+  EXPECT_EQ(cache.stats().bytes_capacity, bytes_for_tokens<typename C::DType>(shape, tokens));
+}
+
+// Decode of ragged sequences and chunked prefill, MHA / GQA / MQA, fast and portable head sizes.
+TYPED_TEST(QuantizedAttentionTest, AttentionEqualsTheOracleOnDequantizedValues) {
+  using C = TypeParam;
+  using DType = typename C::DType;
+  std::mt19937 rng(21);
+  struct Heads {
+    int q, kv;
+  };
+  for (const Heads heads : {Heads{4, 4}, Heads{8, 2}, Heads{6, 1}})
+    for (const int head_dim : {64, 40}) {
+      const ModelShape shape{1, heads.q, heads.kv, head_dim};
+      const auto layout = make_layout<typename C::Layout>();
+      KVCache<typename C::Layout, DType> cache(shape, layout);
+      const std::size_t kv_row = static_cast<std::size_t>(heads.kv) * head_dim;
+      const std::size_t q_row = static_cast<std::size_t>(heads.q) * head_dim;
+      const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+      std::vector<SeqId> seqs;
+      std::vector<Rows> k, v;
+      const int lengths[] = {1, 17, 40, 64};
+      for (int length : lengths) {
+        seqs.push_back(cache.open());
+        // Rows of very different magnitudes: per-row scales must keep each one's precision.
+        k.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 1.0f : 30.0f));
+        v.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 0.01f : 3.0f));
+        cache.reserve(seqs.back(), length);
+        cache.append(0, seqs.back(), k.back(), v.back());
+      }
+      const auto q = random_values(rng, seqs.size() * q_row, 0.3f);
+      std::vector<float> out(q.size());
+      attention::decode(cache, 0, std::span<const SeqId>(seqs), q, out, {.scale = static_cast<float>(scale)});
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        const std::vector<float> q_i(q.begin() + i * q_row, q.begin() + (i + 1) * q_row);
+        const std::vector<float> out_i(out.begin() + i * q_row, out.begin() + (i + 1) * q_row);
+        const auto expected = oracle_attention(shape, dequantized<DType>(k[i], head_dim),
+                                               dequantized<DType>(v[i], head_dim), lengths[i], q_i, 1,
+                                               mask_of(layout), scale);
+        EXPECT_LE(relative_error(out_i, expected), kernel_bound)
+            << heads.q << "/" << heads.kv << " heads, head_dim " << head_dim << ", length " << lengths[i];
+      }
+      const int queries = 5;
+      const auto q_prefill = random_values(rng, queries * q_row, 0.3f);
+      std::vector<float> out_prefill(q_prefill.size());
+      attention::prefill(cache, 0, seqs[3], q_prefill, out_prefill, {.scale = static_cast<float>(scale)});
+      const auto expected = oracle_attention(shape, dequantized<DType>(k[3], head_dim),
+                                             dequantized<DType>(v[3], head_dim), 64, q_prefill, queries,
+                                             mask_of(layout), scale);
+      EXPECT_LE(relative_error(out_prefill, expected), kernel_bound) << "prefill, head_dim " << head_dim;
+    }
+}
+
+// Copy-on-write copies the scales with the codes: a forked paged sequence reads the same values.
+TEST(QuantizedCache, ForkedSequencesKeepTheirScales) {
+  const ModelShape shape{2, 4, 2, 64};
+  KVCache<Paged<16>, int8> cache(shape, {.num_blocks = 16, .max_sequences = 4});
+  std::mt19937 rng(5);
+  const SeqId parent = cache.open();
+  const auto rows = random_values(rng, 20 * 2 * 64, 5.0f);
+  cache.reserve(parent, 20);
+  for (int layer = 0; layer < 2; ++layer) cache.append(layer, parent, rows, rows);
+  const SeqId child = cache.fork(parent);
+  cache.reserve(child, 1);  // copies the shared last block, scales included
+  const auto q = random_values(rng, 4 * 64);
+  std::vector<float> a(q.size()), b(q.size());
+  attention::decode(cache, 1, parent, q, a);
+  attention::decode(cache, 1, child, q, b);
+  EXPECT_EQ(a, b);
+}
+
+}  // namespace
+}  // namespace kvcache::testing
