@@ -27,8 +27,10 @@ constexpr Geometry geometries[] = {{"llama3_8b", 32, 8, 128}, {"llama2_7b", 32, 
 constexpr std::size_t working_set = std::size_t{1} << 30;
 constexpr std::size_t largest_layer = std::size_t{3} << 30;  // configurations above are skipped
 
-std::size_t layer_bytes(const Geometry& g, int tokens, int batch, int element_bytes) {
-  return static_cast<std::size_t>(batch) * tokens * g.kv_heads * g.head_dim * 2 * element_bytes;
+// K/V bytes of one layer, scales of quantized types included.
+template <class DType>
+std::size_t layer_bytes(const Geometry& g, int tokens, int batch) {
+  return static_cast<std::size_t>(batch) * tokens * g.kv_heads * 2 * row_bytes<DType>(static_cast<std::size_t>(g.head_dim));
 }
 
 // The cache of the configuration measured last; building the next one frees it first.
@@ -44,7 +46,7 @@ struct Fixture {
     if (fixture.key != key) {
       fixture.cache.reset();
       fixture.seqs.clear();
-      const std::size_t per_layer = layer_bytes(g, tokens, batch, DType::bits / 8);
+      const std::size_t per_layer = layer_bytes<DType>(g, tokens, batch);
       const int layers = static_cast<int>(std::max<std::size_t>(1, (working_set + per_layer - 1) / per_layer));
       fixture.cache = std::make_unique<KVCache<Layout, DType>>(ModelShape{layers, g.q_heads, g.kv_heads, g.head_dim},
                                                                policy_for<Layout>(tokens, batch));
@@ -77,7 +79,7 @@ void run_decode(benchmark::State& state, const Geometry& g, int tokens, int batc
     benchmark::ClobberMemory();
     layer = layer + 1 == layers ? 0 : layer + 1;
   }
-  const double bytes = static_cast<double>(layer_bytes(g, tokens, batch, DType::bits / 8));
+  const double bytes = static_cast<double>(layer_bytes<DType>(g, tokens, batch));
   const double flops = 4.0 * batch * g.q_heads * static_cast<double>(tokens) * g.head_dim;  // QK and PV
   using benchmark::Counter;
   state.counters["tokens"] = tokens;
@@ -93,7 +95,7 @@ template <class Layout, class DType>
 void register_decode(const Geometry& g, const char* policy) {
   for (int tokens : {1024, 4096, 16384, 32768})
     for (int batch : {1, 8}) {
-      if (layer_bytes(g, tokens, batch, DType::bits / 8) > largest_layer) continue;
+      if (layer_bytes<DType>(g, tokens, batch) > largest_layer) continue;
       for (int threads : {1, 2}) {
         const std::string name = std::string("Decode/") + g.name + "/" + policy + "/" + std::string(DType::name) +
                                  "/T:" + std::to_string(tokens) + "/batch:" + std::to_string(batch) +
@@ -111,6 +113,8 @@ void register_policy(const char* policy) {
     register_decode<Layout, f32>(g, policy);
     register_decode<Layout, f16>(g, policy);
     register_decode<Layout, bf16>(g, policy);
+    register_decode<Layout, int8>(g, policy);
+    register_decode<Layout, fp8_e4m3>(g, policy);
   }
 }
 
