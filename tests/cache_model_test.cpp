@@ -70,9 +70,10 @@ struct SequenceModel {
 
 template <class C>
 class ModelTest : public ::testing::Test {};
-using ModelConfigs = ::testing::Types<Config<Contiguous, f32>, Config<Contiguous, bf16>,
-                                      Config<Paged<4>, f32>, Config<Paged<4>, f16>,
-                                      Config<SlidingWindow, f32>, Config<SlidingWindow, f16>>;
+using ModelConfigs = ::testing::Types<Config<Contiguous, f32>, Config<Contiguous, bf16>, Config<Contiguous, int8>,
+                                      Config<Paged<4>, f32>, Config<Paged<4>, f16>, Config<Paged<4>, fp8_e4m3>,
+                                      Config<SlidingWindow, f32>, Config<SlidingWindow, f16>,
+                                      Config<SlidingWindow, fp8_e5m2>>;
 TYPED_TEST_SUITE(ModelTest, ModelConfigs, ConfigName);
 
 TYPED_TEST(ModelTest, RandomOperationsMatchModel) {
@@ -185,8 +186,8 @@ TYPED_TEST(ModelTest, RandomOperationsMatchModel) {
           const std::span<const float> k(values.data(), n * row), v(values.data() + n * row, n * row);
           cache.append(layer, seq, k, v);
           for (int t = 0; t < n; ++t) {
-            layer_model.k.push_back(rounded<DType>({k.begin() + t * row, k.begin() + (t + 1) * row}));
-            layer_model.v.push_back(rounded<DType>({v.begin() + t * row, v.begin() + (t + 1) * row}));
+            layer_model.k.push_back(stored<DType>({k.begin() + t * row, k.begin() + (t + 1) * row}, 4));
+            layer_model.v.push_back(stored<DType>({v.begin() + t * row, v.begin() + (t + 1) * row}, 4));
             hold(layer_model);
           }
           ++successes[operation];
@@ -310,8 +311,8 @@ TYPED_TEST(ModelTest, RandomOperationsMatchModel) {
           for (int p = 0; p < matched; ++p) sequence.push_id(prompt[p]);
           for (int layer = 0; layer < 2; ++layer)
             for (int p = 0; p < matched; ++p) {
-              sequence.layers[layer].k.push_back(rounded<DType>(token_row(sequence.prefixes[p], layer, 0)));
-              sequence.layers[layer].v.push_back(rounded<DType>(token_row(sequence.prefixes[p], layer, 1)));
+              sequence.layers[layer].k.push_back(stored<DType>(token_row(sequence.prefixes[p], layer, 0), 4));
+              sequence.layers[layer].v.push_back(stored<DType>(token_row(sequence.prefixes[p], layer, 1), 4));
               sequence.layers[layer].held.push_back(true);
             }
           sequence.reserved = matched;
@@ -345,9 +346,8 @@ TYPED_TEST(ModelTest, RandomOperationsMatchModel) {
             seen[position] = true;
             for (int head = 0; head < 2; ++head)
               for (int d = 0; d < 4; ++d) {
-                const std::size_t at = head * segment.head_stride + r * 4 + d;
-                ASSERT_EQ(static_cast<float>(segment.k[at]), expected.k[position][head * 4 + d]);
-                ASSERT_EQ(static_cast<float>(segment.v[at]), expected.v[position][head * 4 + d]);
+                ASSERT_EQ(stored_value(segment, 0, head, r, d, 4), expected.k[position][head * 4 + d]);
+                ASSERT_EQ(stored_value(segment, 1, head, r, d, 4), expected.v[position][head * 4 + d]);
               }
           }
         }

@@ -12,7 +12,7 @@ namespace llama2 {
 
 struct CacheChoice {
   std::string policy = "contiguous";  // contiguous | paged | window | none
-  std::string dtype = "f32";          // f32 | f16 | bf16
+  std::string dtype = "f32";          // f32 | f16 | bf16 | int8 | fp8_e4m3 | fp8_e5m2
   int block = 16;                     // paged: tokens per block (8, 16 or 32)
   int window = 0;                     // window: positions attended; 0 = the model's context
   int sinks = 0;                      // window: first positions kept forever
@@ -38,7 +38,11 @@ auto with_cache(const CacheChoice& choice, const Config& config, int sequences,
     if (choice.dtype == "f32") return go(f32{});
     if (choice.dtype == "f16") return go(f16{});
     if (choice.dtype == "bf16") return go(bf16{});
-    detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype, ": use f32, f16 or bf16");
+    if (choice.dtype == "int8") return go(int8{});
+    if (choice.dtype == "fp8_e4m3") return go(fp8_e4m3{});
+    if (choice.dtype == "fp8_e5m2") return go(fp8_e5m2{});
+    detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype,
+                 ": use f32, f16, bf16, int8, fp8_e4m3 or fp8_e5m2");
   };
   auto paged = [&](auto block_constant) {
     constexpr int block = decltype(block_constant)::value;

@@ -11,21 +11,6 @@ namespace {
 
 constexpr double kernel_bound = 1e-5;
 
-// What the cache holds for rows [n][kv_heads][head_dim]: each (token, kv-head) row quantized
-// with its own scale, then decoded.
-template <class DType>
-Rows dequantized(const Rows& rows, int head_dim) {
-  Rows out(rows.size());
-  std::vector<typename DType::storage_type> codes(static_cast<std::size_t>(head_dim));
-  for (std::size_t first = 0; first < rows.size(); first += static_cast<std::size_t>(head_dim)) {
-    const std::span<const float> row(rows.data() + first, static_cast<std::size_t>(head_dim));
-    const float scale = DType::row_scale(row);
-    DType::quantize_row(row, scale, codes.data());
-    for (int d = 0; d < head_dim; ++d) out[first + d] = DType::decode(codes[d]) * scale;
-  }
-  return out;
-}
-
 template <class C>
 class QuantizedAttentionTest : public ::testing::Test {};
 using QuantizedConfigs = ::testing::Types<
@@ -77,8 +62,8 @@ TYPED_TEST(QuantizedAttentionTest, AttentionEqualsTheOracleOnDequantizedValues) 
       for (std::size_t i = 0; i < seqs.size(); ++i) {
         const std::vector<float> q_i(q.begin() + i * q_row, q.begin() + (i + 1) * q_row);
         const std::vector<float> out_i(out.begin() + i * q_row, out.begin() + (i + 1) * q_row);
-        const auto expected = oracle_attention(shape, dequantized<DType>(k[i], head_dim),
-                                               dequantized<DType>(v[i], head_dim), lengths[i], q_i, 1,
+        const auto expected = oracle_attention(shape, stored<DType>(k[i], head_dim),
+                                               stored<DType>(v[i], head_dim), lengths[i], q_i, 1,
                                                mask_of(layout), scale);
         EXPECT_LE(relative_error(out_i, expected), kernel_bound)
             << heads.q << "/" << heads.kv << " heads, head_dim " << head_dim << ", length " << lengths[i];
@@ -87,8 +72,8 @@ TYPED_TEST(QuantizedAttentionTest, AttentionEqualsTheOracleOnDequantizedValues) 
       const auto q_prefill = random_values(rng, queries * q_row, 0.3f);
       std::vector<float> out_prefill(q_prefill.size());
       attention::prefill(cache, 0, seqs[3], q_prefill, out_prefill, {.scale = static_cast<float>(scale)});
-      const auto expected = oracle_attention(shape, dequantized<DType>(k[3], head_dim),
-                                             dequantized<DType>(v[3], head_dim), 64, q_prefill, queries,
+      const auto expected = oracle_attention(shape, stored<DType>(k[3], head_dim),
+                                             stored<DType>(v[3], head_dim), 64, q_prefill, queries,
                                              mask_of(layout), scale);
       EXPECT_LE(relative_error(out_prefill, expected), kernel_bound) << "prefill, head_dim " << head_dim;
     }

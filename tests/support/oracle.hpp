@@ -37,6 +37,33 @@ std::vector<float> rounded(std::vector<float> values) {
   return values;
 }
 
+// What a cache of DType stores for rows of head_dim values: float types round each element,
+// quantized types quantize each row with its own scale and decode it.
+template <class DType>
+std::vector<float> stored(std::vector<float> values, int head_dim) {
+  if constexpr (QuantizedElement<DType>) {
+    std::vector<typename DType::storage_type> codes(static_cast<std::size_t>(head_dim));
+    for (std::size_t first = 0; first < values.size(); first += static_cast<std::size_t>(head_dim)) {
+      const std::span<float> row(values.data() + first, static_cast<std::size_t>(head_dim));
+      const float scale = DType::row_scale(row);
+      DType::quantize_row(row, scale, codes.data());
+      for (int d = 0; d < head_dim; ++d) row[static_cast<std::size_t>(d)] = DType::decode(codes[static_cast<std::size_t>(d)]) * scale;
+    }
+    return values;
+  } else {
+    return rounded<DType>(std::move(values));
+  }
+}
+
+// The value a segment holds for element d of row r of kv-head `head`, of K (kind 0) or V (1).
+template <class Storage>
+float stored_value(const Segment<Storage>& segment, int kind, int head, int r, int d, int head_dim) {
+  const Storage* data = kind == 0 ? segment.k : segment.v;
+  const float* scales = kind == 0 ? segment.k_scale : segment.v_scale;
+  const float scale = scales == nullptr ? 1.0f : scales[head * (segment.head_stride / head_dim) + r];
+  return to_float(data[head * segment.head_stride + static_cast<std::size_t>(r) * head_dim + d]) * scale;
+}
+
 struct Mask {
   int window = 0;  // 0: none
   int sink_tokens = 0;
