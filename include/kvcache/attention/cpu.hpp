@@ -52,7 +52,7 @@ namespace simd = kvcache::detail::simd;
 inline constexpr int heads_per_pass = 64;  // rows (query heads, or heads x queries in prefill)
                                            // sharing one read of K/V; larger groups take passes
 inline constexpr int tile_rows = 32;      // key rows scored before one softmax update
-inline constexpr int min_split_rows = 512;  // a token range worth a task of its own
+inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges of at least this many keys
 
 // Calls f with std::integral_constant<int, heads> for heads in [1, 4].
 template <class F>
@@ -223,8 +223,9 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * head_dim;
       const Storage* k = segment.k + head_offset + first_row;  // [rows][head_dim]
       const Storage* v = segment.v + head_offset + first_row;  // [rows][head_dim]
-      // Rows the next tile reads: later in this segment, or the start of the next one.
-      const bool last_tile = tile + rows >= end;
+      // Rows read next: later in this segment (by this range, or by the task of the next token
+      // range, which is likely this thread's next), or the start of the next segment.
+      const bool last_tile = tile + rows >= segment.first_position + segment.count;
       const Storage* next_k = last_tile ? following.first : k + rows * head_dim;
       const Storage* next_v = last_tile ? following.second : v + rows * head_dim;
       if constexpr (use_simd<HeadDim>) {
@@ -282,7 +283,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   const int recent_begin = std::max(view.first_needed(query), lo);
   const int recent_end = std::min(query + 1, hi);
   const int sinks_end = view.window == 0 ? 0 : std::min({view.sink_tokens, view.first_needed(query), query + 1, hi});
-  for (int i = 0; i < view.segment_count(); ++i) {
+  auto visit = [&](int i) {
     const Segment<Storage> segment = view.segment(i);
     if (i + 1 < view.segment_count()) {
       const Segment<Storage> next = view.segment(i + 1);
@@ -295,6 +296,21 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
     const int last = first + segment.count;  // exclusive
     run_rows(segment, std::max(first, lo), std::min(last, sinks_end));
     run_rows(segment, std::max(first, recent_begin), std::min(last, recent_end));
+  };
+  for (int i = 0; i < view.direct_count; ++i) visit(i);
+  // Blocks hold consecutive positions in order, so only those overlapping the two visible
+  // ranges are visited: a task covering a token range of a long sequence touches its own blocks.
+  if (view.block_count > 0) {
+    const int tokens = view.block_tokens;
+    int next_block = 0;
+    auto visit_blocks = [&](int begin, int end) {
+      if (begin >= end) return;
+      const int last = std::min(view.block_count, (end + tokens - 1) / tokens);
+      for (int block = std::max(next_block, begin / tokens); block < last; ++block) visit(view.direct_count + block);
+      next_block = std::max(next_block, last);
+    };
+    visit_blocks(lo, sinks_end);
+    visit_blocks(recent_begin, recent_end);
   }
 }
 
@@ -439,7 +455,7 @@ void decode(std::span<const SequenceView<Storage>> views, int q_heads, const Q* 
     const int first_key = view.sink_tokens > 0 ? 0 : view.first_needed(query);  // ranges split evenly
     // The token ranges depend on the sequence alone, never on the batch or the thread count, so
     // a sequence's output is bit for bit the same in any batch and on any number of threads.
-    const int splits = std::max(1, (query + 1 - first_key) / detail::min_split_rows);
+    const int splits = std::max(1, (query + 1 - first_key) / detail::split_rows);
     detail::add_tasks(tasks, static_cast<int>(i), kv_heads, group, query, 1, first_key, splits,
                       i * static_cast<std::size_t>(q_heads) * head_dim, 0, head_dim);
   }
