@@ -198,8 +198,16 @@ inline void load_row(const Storage* stored, int head_dim, float* row) {
 
 // scores[h][r] *= scale[r] for every head of a tile.
 inline void scale_scores(float (*scores)[tile_rows], int heads, int rows, const float* scale) {
+  int vectorized = 0;
+#if KVCACHE_SIMD_WIDTH > 0
+  vectorized = rows / simd::width * simd::width;
+  for (int r = 0; r < vectorized; r += simd::width) {
+    const simd::floats factor = simd::load(scale + r);
+    for (int h = 0; h < heads; ++h) simd::store(scores[h] + r, simd::mul(factor, simd::load(scores[h] + r)));
+  }
+#endif
   for (int h = 0; h < heads; ++h)
-    for (int r = 0; r < rows; ++r) scores[h][r] *= scale[r];
+    for (int r = vectorized; r < rows; ++r) scores[h][r] *= scale[r];
 }
 
 // Adds to (softmax, acc) the keys visible to the query at position `query` among positions
