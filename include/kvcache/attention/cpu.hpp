@@ -52,6 +52,7 @@ namespace simd = kvcache::detail::simd;
 inline constexpr int heads_per_pass = 64;  // rows (query heads, or heads x queries in prefill)
                                            // sharing one read of K/V; larger groups take passes
 inline constexpr int tile_rows = 32;      // key rows scored before one softmax update
+inline constexpr std::size_t inline_elements = std::size_t{1} << 16;  // K elements below which a call stays on one thread
 inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges of at least this many keys
 
 // Calls f with std::integral_constant<int, heads> for heads in [1, 4].
@@ -397,7 +398,16 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
                         s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass,
                         s.acc.data() + static_cast<std::size_t>(t) * partial, head_dim);
     };
-    backend::cpu::pool().run(static_cast<int>(s.tasks.size()), work);
+    // A call too small to repay waking the workers (a small model, a short sequence) runs on
+    // the calling thread: on a busy machine a sleeping worker can take longer to be scheduled
+    // than the whole call.
+    std::size_t elements = 0;
+    for (const Task& task : s.tasks) elements += static_cast<std::size_t>(task.hi - task.lo) * heads_span;
+    if (elements < inline_elements) {
+      for (int t = 0; t < static_cast<int>(s.tasks.size()); ++t) work(t);
+    } else {
+      backend::cpu::pool().run(static_cast<int>(s.tasks.size()), work);
+    }
   });
 
   for (std::size_t t = 0; t < s.tasks.size();) {
