@@ -333,13 +333,19 @@ class KVCache {
       detail::fail(errc::out_of_range, "match_prefix(", seq, "): the sequence already holds ",
                    max_length(slot), " and reserved ", slots_[static_cast<std::size_t>(slot)].reserved,
                    " positions; match a prefix into a freshly opened sequence");
-    const std::size_t limit = std::min<std::size_t>(tokens.empty() ? 0 : tokens.size() - 1,
-                                                    static_cast<std::size_t>(layout_.max_tokens_per_sequence()));
-    const int matched = book_.match_prefix(slot, tokens, static_cast<int>(limit), prefix_root_of(salt), salt);
+    const int matched = book_.match_prefix(slot, tokens, match_limit(tokens), prefix_root_of(salt), salt);
     for (int layer = 0; layer < shape_.layers; ++layer) layer_state(slot, layer).length = matched;
     slots_[static_cast<std::size_t>(slot)].reserved = matched;
     audit_after_change();
     return matched;
+  }
+
+  // The positions match_prefix(seq, tokens, salt) would share now, for a scheduler deciding
+  // whether a request fits. Changes nothing: no counters, no LRU order.
+  int cached_prefix_length(std::span<const std::int32_t> tokens, std::uint64_t salt = 0) const
+    requires PrefixCachingPolicy<Layout>
+  {
+    return book_.cached_prefix(tokens, match_limit(tokens), prefix_root_of(salt), salt);
   }
 
   // Publishes the whole blocks holding positions [0, tokens.size()) of seq, whose token ids are
@@ -499,6 +505,12 @@ class KVCache {
     for (std::size_t slot = 0; slot < slots_.size(); ++slot)
       held_scratch_[slot] = slots_[slot].open ? held_positions(static_cast<int>(slot)) : 0;
     return held_scratch_;
+  }
+
+  // Positions a prefix match may cover: all but the last token, within a sequence's maximum.
+  int match_limit(std::span<const std::int32_t> tokens) const {
+    return static_cast<int>(std::min<std::size_t>(tokens.empty() ? 0 : tokens.size() - 1,
+                                                  static_cast<std::size_t>(layout_.max_tokens_per_sequence())));
   }
 
   BlockHash prefix_root_of(std::uint64_t salt) const {

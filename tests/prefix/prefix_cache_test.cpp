@@ -71,6 +71,8 @@ TYPED_TEST(PrefixCacheTest, SharedPrefixGivesTheUnsharedOraclesAttention) {
   prefill(shared, a, first);
   shared.publish_prefix(a, first);
   const SeqId b = shared.open();
+  EXPECT_EQ(shared.cached_prefix_length(second), 96);  // a probe: counts nothing, shares nothing
+  EXPECT_EQ(shared.pool_stats().prefix_queries, 0u);
   EXPECT_EQ(shared.match_prefix(b, second), 96);  // 6 whole blocks of the 100 shared ids
   EXPECT_EQ(shared.length(b), 96);
   EXPECT_EQ(shared.pool_stats().prefix_hit_tokens, 96u);

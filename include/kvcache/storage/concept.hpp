@@ -91,6 +91,7 @@ concept PrefixCachingPolicy = StoragePolicy<P> && requires(
   // Shares the published blocks of the longest whole-block prefix of tokens[0, limit) into an
   // empty slot; returns the positions shared.
   { book.match_prefix(slot, tokens, slot, root, salt) } -> std::same_as<int>;
+  { const_book.cached_prefix(tokens, slot, root, salt) } -> std::same_as<int>;  // match, but only counts
   { book.publish(slot, tokens, root, salt) };  // tokens: the ids of the slot's first positions
   { book.pin(tokens, root, salt) } -> std::same_as<int>;
   { book.unpin(tokens, root, salt) } -> std::same_as<int>;

@@ -196,6 +196,13 @@ struct Paged {
       return blocks * BlockTokens;
     }
 
+    // The positions match_prefix(..., tokens, limit, ...) would share now; changes nothing.
+    int cached_prefix(std::span<const std::int32_t> tokens, int limit, BlockHash root, std::uint64_t salt) const {
+      int blocks = 0;
+      for_each_published(tokens.first(static_cast<std::size_t>(limit)), root, salt, [&](std::int32_t, Link) { ++blocks; });
+      return blocks * BlockTokens;
+    }
+
     // Publishes the whole blocks of slot that hold positions [0, tokens.size()), whose ids are
     // `tokens`: a later match_prefix can share them. A block whose prefix is already published
     // by another block stays private (the first one serves matches).
@@ -287,16 +294,14 @@ struct Paged {
     // Checks that the pool, the tables and the index agree; throws std::logic_error naming the
     // first broken invariant. O(blocks + table entries); allocates.
     void audit() const {
-      auto check = [](bool ok, const char* what, std::int32_t block) {
-        if (!ok)
-          throw std::logic_error(std::string("Paged bookkeeping audit: ") + what + " (block " +
-                                 std::to_string(block) + ")");
+      auto check = [](bool ok, const char* what, std::int32_t id) {
+        if (!ok) throw std::logic_error(std::string("Paged bookkeeping audit: ") + what + " (" + std::to_string(id) + ")");
       };
       std::vector<int> references(static_cast<std::size_t>(pool_.block_count()), 0);
       for (int slot = 0; slot < static_cast<int>(published_.size()); ++slot) {
-        check(published(slot) <= tables_.count(slot), "a slot published blocks it does not hold", slot);
+        check(published(slot) <= tables_.count(slot), "a slot published blocks it does not hold (slot)", slot);
         for (std::int32_t block : tables_.blocks(slot)) {
-          check(block >= 0 && block < pool_.block_count(), "a table holds an invalid block id", block);
+          check(block >= 0 && block < pool_.block_count(), "a table holds an invalid block id (block)", block);
           ++references[static_cast<std::size_t>(block)];
         }
       }
@@ -333,7 +338,7 @@ struct Paged {
     // tokens, in order.
     template <class Visit>
     void for_each_published(std::span<const std::int32_t> tokens, BlockHash root, std::uint64_t salt,
-                            Visit visit) {
+                            Visit visit) const {
       Link link{root, 0};
       for (std::size_t first = 0; first + BlockTokens <= tokens.size(); first += BlockTokens) {
         const auto ids = tokens.subspan(first, BlockTokens);
