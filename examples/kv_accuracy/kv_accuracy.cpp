@@ -4,7 +4,7 @@
 //
 // Runs the stories260K model (DIR holds stories260K.bin, tok512.bin and expected.jsonl, the 32
 // greedy outputs of llama2.c) with a cache of each element type, f32, f16, bf16, int8,
-// fp8_e4m3 and fp8_e5m2, and compares it with the same model on an f32 cache. The weights and
+// fp8_e4m3, fp8_e5m2 and the Hadamard-rotated int8 and fp8_e4m3, and compares it with the same model on an f32 cache. The weights and
 // all arithmetic stay f32; only the cached K/V are rounded (quantized types: one float scale
 // per row, that is per token and kv-head). The f32 row checks the harness itself: it must show
 // KLD 0, agreement 100% and every greedy case exact.
@@ -351,13 +351,13 @@ std::string format(const char* pattern, double value) {
 }
 
 void print_table(const std::vector<Row>& rows) {
-  std::printf("%-9s %10s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "top1%", "NLL", "dNLL",
+  std::printf("%-17s %10s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "top1%", "NLL", "dNLL",
               "greedy", "div mean", "div min", "attn rand", "attn model", "B/token", "vs f16", "8B vs f16");
   for (const Row& row : rows) {
     const GreedyMetrics& greedy = row.greedy;
     const std::string exact = std::to_string(greedy.exact) + "/" + std::to_string(greedy.cases);
     const int minimum = greedy.divergence_min();
-    std::printf("%-9s %10.3e %7.2f %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n", row.dtype.c_str(),
+    std::printf("%-17s %10.3e %7.2f %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n", row.dtype.c_str(),
                 row.forced.kld, 100 * row.forced.top1_agreement, row.forced.nll, row.forced.nll_delta, exact.c_str(),
                 format("%.1f", greedy.divergence_mean()).c_str(), minimum < 0 ? "-" : std::to_string(minimum).c_str(),
                 row.attention_random.mean, row.attention_model.mean, row.bytes_per_token, row.bytes_vs_f16,
@@ -431,6 +431,8 @@ int main(int argc, char** argv) {
     rows.push_back(evaluate<kvcache::int8>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::fp8_e4m3>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::fp8_e5m2>(model, tokenizer, cases, baseline));
+    rows.push_back(evaluate<kvcache::int8_hadamard>(model, tokenizer, cases, baseline));
+    rows.push_back(evaluate<kvcache::fp8_e4m3_hadamard>(model, tokenizer, cases, baseline));
 
     print_summary(checkpoint.config(), cases, baseline, rows.front().forced.positions);
     print_table(rows);

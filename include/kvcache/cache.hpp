@@ -36,6 +36,7 @@
 #include "backend/cpu.hpp"
 #include "dtype/float.hpp"
 #include "dtype/fp8.hpp"
+#include "dtype/hadamard.hpp"
 #include "dtype/int8.hpp"
 #include "error.hpp"
 #include "prefix/block_hash.hpp"
@@ -297,6 +298,7 @@ class KVCache {
     view.sink_tokens = retention_.sink_tokens;
     view.first_held = retention_.ring_tokens > 0 ? std::max(state.first_held, retention_.sink_tokens) : 0;
     book_.segments(slot, state.length, view.first_held, pool(layer, 0), pool(layer, 1), view);
+    view.hadamard = is_hadamard_rotated<DType>;
     if constexpr (quantized) {
       view.k_scale_pool = scale_pool(layer, 0);
       view.v_scale_pool = scale_pool(layer, 1);
@@ -451,6 +453,9 @@ class KVCache {
   static const ModelShape& validated(const ModelShape& shape, const Layout& layout) {
     shape.validate();
     layout.validate();
+    if (is_hadamard_rotated<DType> && (shape.head_dim & (shape.head_dim - 1)) != 0)
+      detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a power of two for ",
+                   DType::name, ": the Hadamard rotation needs one");
     const long double elements = static_cast<long double>(shape.layers) * 2 * layout.page_count() *
                                  shape.kv_heads * layout.page_tokens() * shape.head_dim;
     if (elements * sizeof(storage_type) > static_cast<long double>(SIZE_MAX) / 2)
@@ -552,6 +557,7 @@ class KVCache {
     if constexpr (quantized) {
       alignas(64) float values[ModelShape::max_head_dim];
       for (int d = 0; d < shape_.head_dim; ++d) values[d] = to_float(row[d]);
+      if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(values, shape_.head_dim);
       const std::span<const float> floats(values, static_cast<std::size_t>(shape_.head_dim));
       const float scale = DType::row_scale(floats);
       DType::quantize_row(floats, scale, stored);

@@ -10,6 +10,9 @@
 
 #include "dtype/concept.hpp"
 #include "dtype/float.hpp"
+#include "dtype/fp8.hpp"
+#include "dtype/hadamard.hpp"
+#include "dtype/int8.hpp"
 
 #include "prefix/block_hash.hpp"
 #include "prefix/eviction.hpp"

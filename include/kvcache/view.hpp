@@ -53,6 +53,7 @@ struct SequenceView {
   int window = 0;
   int sink_tokens = 0;
   int first_held = 0;    // positions in [sink_tokens, first_held) are no longer stored
+  bool hadamard = false;  // rows are stored rotated by the Hadamard matrix (dtype/hadamard.hpp)
 
   KVCACHE_HOST_DEVICE int segment_count() const { return direct_count + block_count; }
 

@@ -35,6 +35,7 @@
 #include "../detail/simd.hpp"
 #include "../dtype/float.hpp"
 #include "../dtype/fp8.hpp"
+#include "../dtype/hadamard.hpp"
 #include "../dtype/int8.hpp"
 #include "../shape.hpp"
 #include "../view.hpp"
@@ -394,6 +395,8 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
       for (int i = 0; i < task.queries; ++i)
         for (std::size_t e = 0; e < task.heads * heads_span; ++e)
           q_scaled[i * task.heads * heads_span + e] = scale * to_float(q[task.q_offset + i * task.row_stride + e]);
+      if (views[static_cast<std::size_t>(task.view)].hadamard)  // q.k = (Hq).(Hk)
+        for (int row = 0; row < task.queries * task.heads; ++row) ::kvcache::detail::hadamard_transform(q_scaled + row * heads_span, head_dim);
       run_task<HeadDim>(views[static_cast<std::size_t>(task.view)], task, q_scaled, params.soft_cap,
                         s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass,
                         s.acc.data() + static_cast<std::size_t>(t) * partial, head_dim);
@@ -428,7 +431,8 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
     for (int r = 0; r < rows; ++r) {
       O* target = out + first.q_offset + static_cast<std::size_t>(r / first.heads) * first.row_stride +
                   static_cast<std::size_t>(r % first.heads) * head_dim;
-      const float* source = acc + static_cast<std::size_t>(r) * head_dim;
+      float* source = acc + static_cast<std::size_t>(r) * head_dim;
+      if (views[static_cast<std::size_t>(first.view)].hadamard) ::kvcache::detail::hadamard_transform(source, head_dim);  // V back
       const float inverse = 1.0f / softmax[r].sum;
       for (int d = 0; d < head_dim; ++d) target[d] = from_float<O>(source[d] * inverse);
     }
