@@ -251,9 +251,15 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         }
       }
       // Quantized rows: the scale of a K row multiplies its scores, that of a V row its weights.
-      const std::size_t scale_offset = static_cast<std::size_t>(kv_head) * (segment.head_stride / head_dim) +
-                                       static_cast<std::size_t>(tile - segment.first_position);
-      if (segment.k_scale != nullptr) scale_scores(scores, heads, rows, segment.k_scale + scale_offset);
+      const float* k_scale = nullptr;
+      const float* v_scale = nullptr;
+      if (segment.k_scale != nullptr) {
+        const std::size_t scale_offset = static_cast<std::size_t>(kv_head) * (segment.head_stride / head_dim) +
+                                         static_cast<std::size_t>(tile - segment.first_position);
+        k_scale = segment.k_scale + scale_offset;
+        v_scale = segment.v_scale + scale_offset;
+        scale_scores(scores, heads, rows, k_scale);
+      }
       for (int h = 0; h < heads; ++h) {
         if (soft_cap > 0.0f) {
           Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
@@ -270,7 +276,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
           softmax[h].sum += s.sum();
         }
       }
-      if (segment.v_scale != nullptr) scale_scores(scores, heads, rows, segment.v_scale + scale_offset);
+      if (v_scale != nullptr) scale_scores(scores, heads, rows, v_scale);
       if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads; first += 4)  // V tile stays in L1 across the chunks
           dispatch_heads(std::min(4, heads - first), [&](auto chunk) {

@@ -74,7 +74,7 @@ class BasicBlockPool {
   // @pre the block is in use or cached. Adds an owner (sharing).
   void retain(std::int32_t block) {
     KVCACHE_ASSERT(is_in_use(block) || is_cached(block), "BlockPool::retain of a free block");
-    if (is_cached(block)) eviction_.remove(block);
+    leave_cache(block);
     ++owners_[at(block)];
   }
 
@@ -89,7 +89,7 @@ class BasicBlockPool {
   // @pre the block is in use or cached. A pinned block is never freed nor evicted.
   void pin(std::int32_t block) {
     KVCACHE_ASSERT(is_in_use(block) || is_cached(block), "BlockPool::pin of a free block");
-    if (is_cached(block)) eviction_.remove(block);
+    leave_cache(block);
     ++pins_[at(block)];
   }
 
@@ -118,6 +118,11 @@ class BasicBlockPool {
 
  private:
   static std::size_t at(std::int32_t block) { return static_cast<std::size_t>(block); }
+
+  // A cached block that gains a reference or a pin is no eviction candidate any more.
+  void leave_cache(std::int32_t block) {
+    if (is_cached(block)) eviction_.remove(block);
+  }
 
   void leave_if_unused(std::int32_t block) {
     if (is_in_use(block)) return;
