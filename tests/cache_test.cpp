@@ -21,6 +21,9 @@ struct counting_cpu {
   }
   static void copy(void* dst, const void* src, std::size_t bytes) { backend::cpu::copy(dst, src, bytes); }
   static void fill_zero(void* dst, std::size_t bytes) { backend::cpu::fill_zero(dst, bytes); }
+  static void upload(void* dst, const void* src, std::size_t bytes) { backend::cpu::upload(dst, src, bytes); }
+  static constexpr bool host_accessible = true;
+  using stream_type = backend::cpu::stream_type;
 };
 static_assert(Backend<counting_cpu>);
 
@@ -181,6 +184,24 @@ TYPED_TEST(CacheTest, BadInputThrowsAndChangesNothing) {
   // capacity: append past the reservation, reserve past what the policy holds
   expect_error(cache, seqs, errc::capacity_exceeded, "call reserve(seq, 1) first",
                [&] { cache.append(1, seq, std::span<const float>(one), std::span<const float>(one)); });
+  // a batch append checks every sequence before it writes anything
+  cache.reserve(seqs[1], 1);
+  const std::vector<float> two(32, 1.0f), three(48, 1.0f);
+  expect_error(cache, seqs, errc::shape_mismatch, "both must be batch * kv_heads * head_dim = 32", [&] {
+    cache.append(0, std::span<const SeqId>(seqs.data(), 2), std::span<const float>(three), std::span<const float>(three));
+  });
+  const std::vector<SeqId> twice{seqs[1], seqs[2], seqs[1]};
+  expect_error(cache, seqs, errc::out_of_range, "seq#1.0 is listed twice", [&] {
+    cache.append(0, std::span<const SeqId>(twice), std::span<const float>(three), std::span<const float>(three));
+  });
+  const std::vector<SeqId> unreserved{seqs[1], seqs[0]};
+  expect_error(cache, seqs, errc::capacity_exceeded, "seq#0.0 holds 40 positions and has no more reserved", [&] {
+    cache.append(0, std::span<const SeqId>(unreserved), std::span<const float>(two), std::span<const float>(two));
+  });
+  const std::vector<SeqId> stale{seqs[1], released};
+  expect_error(cache, seqs, errc::unknown_sequence, "no such open sequence", [&] {
+    cache.append(0, std::span<const SeqId>(stale), std::span<const float>(two), std::span<const float>(two));
+  });
   if constexpr (!std::is_same_v<Layout, SlidingWindow>)
     expect_error(cache, seqs, errc::capacity_exceeded, "reserve(seq#0.0, 5000)",
                  [&] { cache.reserve(seq, 5000); });
@@ -209,6 +230,45 @@ TYPED_TEST(CacheTest, BadInputThrowsAndChangesNothing) {
   cache.reserve(seqs[2], 1);
   cache.append(0, seqs[2], std::span<const float>(one), std::span<const float>(one));
   expect_error(cache, seqs, errc::out_of_range, "fork between steps", [&] { cache.fork(seqs[2]); });
+}
+
+// A decode step's batch append stores exactly what one append per sequence stores.
+TYPED_TEST(CacheTest, BatchAppendEqualsOneAppendPerSequence) {
+  using C = TypeParam;
+  using Cache = KVCache<typename C::Layout, typename C::DType>;
+  const ModelShape shape{2, 4, 2, 8};
+  const std::size_t row = 2 * 8;
+  Cache batched(shape, make_layout<typename C::Layout>()), single(shape, make_layout<typename C::Layout>());
+  std::mt19937 rng(3);
+  std::vector<SeqId> seqs;
+  for (int i = 0; i < 3; ++i) {
+    const SeqId seq = batched.open();
+    ASSERT_EQ(single.open(), seq);
+    seqs.push_back(seq);
+    const int prompt = 3 + 7 * i;  // ragged, straddling block edges as the steps go on
+    batched.reserve(seq, prompt);
+    single.reserve(seq, prompt);
+    for (int layer = 0; layer < 2; ++layer) {
+      const auto k = random_values(rng, prompt * row), v = random_values(rng, prompt * row);
+      batched.append(layer, seq, k, v);
+      single.append(layer, seq, k, v);
+    }
+  }
+  for (int step = 0; step < 25; ++step) {
+    for (SeqId seq : seqs) {
+      batched.reserve(seq, 1);
+      single.reserve(seq, 1);
+    }
+    for (int layer = 0; layer < 2; ++layer) {
+      const auto k = random_values(rng, seqs.size() * row), v = random_values(rng, seqs.size() * row);
+      batched.append(layer, std::span<const SeqId>(seqs), k, v);
+      for (std::size_t i = 0; i < seqs.size(); ++i)
+        single.append(layer, seqs[i], std::span<const float>(k).subspan(i * row, row),
+                      std::span<const float>(v).subspan(i * row, row));
+    }
+  }
+  EXPECT_EQ(batched.length(seqs[2]), 17 + 25);
+  EXPECT_TRUE(Snapshot<Cache>(batched, seqs) == Snapshot<Cache>(single, seqs));
 }
 
 TEST(CacheErrors, InvalidConfigurationNamesTheField) {

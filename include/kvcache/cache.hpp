@@ -2,7 +2,8 @@
 //
 //   Layout   how positions map to memory: Contiguous, Paged<BlockTokens>, SlidingWindow
 //   DType    how one element is stored: f32, f16, bf16; int8, fp8_e4m3, fp8_e5m2 (+ a scale per row)
-//   Backend  where the bytes live: backend::cpu
+//   Backend  where the bytes live: backend::cpu, or backend::cuda (backend/cuda.hpp: device
+//            memory, host bookkeeping; append and attention take device pointers and a stream)
 //
 // The step of an engine:
 //
@@ -45,6 +46,7 @@
 #include "shape.hpp"
 #include "stats.hpp"
 #include "storage/concept.hpp"
+#include "storage/device_block_tables.hpp"
 #include "view.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
@@ -57,6 +59,10 @@ class KVCache {
   using backend_type = B;
   using storage_type = typename DType::storage_type;
   using view_type = SequenceView<storage_type>;
+  using stream_type = typename B::stream_type;
+
+  static_assert(B::host_accessible || !is_hadamard_rotated<DType>,
+                "Hadamard-rotated types are CPU-only so far: the CUDA kernels do not rotate q");
 
   // Allocates all storage. Throws Error{invalid_configuration} for a bad shape or policy.
   KVCache(const ModelShape& shape, const Layout& layout)
@@ -71,7 +77,8 @@ class KVCache {
             shape, static_cast<std::size_t>(layout.page_count()) * layout.page_tokens())),
         memory_(allocate(bytes_capacity_), Release{bytes_capacity_}),
         slots_(static_cast<std::size_t>(layout.sequence_slots())),
-        layer_state_(static_cast<std::size_t>(layout.sequence_slots()) * shape.layers) {
+        layer_state_(static_cast<std::size_t>(layout.sequence_slots()) * shape.layers),
+        device_tables_(make_device_tables(book_, layout.sequence_slots())) {
     static_assert(sizeof(storage_type) * 8 == DType::bits, "one storage unit per element");
     KVCACHE_ASSERT(scale_bytes_ + 2 * shape.layers * pool_elements_ * sizeof(storage_type) == bytes_capacity_,
                    "the memory math and the layout agree");
@@ -175,6 +182,7 @@ class KVCache {
                    layout_.page_count(), " ", Layout::name,
                    " pages are free or cached; release or preempt a sequence");
     book_.reserve(slot, min_length(slot), static_cast<int>(target), copier());
+    sync_device_table(slot);
     state.reserved = static_cast<int>(target);
     audit_after_change();
   }
@@ -182,10 +190,12 @@ class KVCache {
   // Writes the K and V of n new tokens of layer `layer` at positions [length(seq, layer), +n).
   // k and v are contiguous ranges (std::vector, std::span, ...) of [n][kv_heads][head_dim]
   // float, Eigen::half or Eigen::bfloat16; they are converted to DType (round to nearest even).
+  // On a device backend they are spans of device memory and the rows are written by a kernel
+  // queued on `stream` (the call returns before it ran).
   // @pre reserve() made room for them.
   template <std::ranges::contiguous_range KRange, std::ranges::contiguous_range VRange>
     requires std::same_as<std::ranges::range_value_t<KRange>, std::ranges::range_value_t<VRange>>
-  void append(int layer, SeqId seq, const KRange& k_range, const VRange& v_range) {
+  void append(int layer, SeqId seq, const KRange& k_range, const VRange& v_range, [[maybe_unused]] stream_type stream = {}) {
     using In = std::ranges::range_value_t<KRange>;
     const std::span<const In> k(std::ranges::data(k_range), std::ranges::size(k_range));
     const std::span<const In> v(std::ranges::data(v_range), std::ranges::size(v_range));
@@ -205,18 +215,56 @@ class KVCache {
                    " positions, but only ", reserved, " are reserved; call reserve(seq, ", n,
                    ") first");
 
-    for (int token = 0; token < n; ++token) {
-      const PageRow at = book_.locate(slot, state.length + token);
-      for (int head = 0; head < shape_.kv_heads; ++head) {
-        const std::size_t source = (static_cast<std::size_t>(token) * shape_.kv_heads + head) * shape_.head_dim;
-        const std::size_t target = row_offset(at.page, head, at.row);
-        store_row(layer, 0, target, k.data() + source);
-        store_row(layer, 1, target, v.data() + source);
+    write_rows(layer, n, [&](int token) { return book_.locate(slot, state.length + token); }, k.data(), v.data(),
+               stream);
+    advance(state, n);
+  }
+
+  // One new token for each sequence of a batch (a decode step) in layer `layer`: row i of k and
+  // v, [seqs.size()][kv_heads][head_dim], goes to position length(seqs[i], layer). Every
+  // sequence is checked before anything is written (unknown, listed twice, no reserved room);
+  // on a device backend one kernel writes the whole batch.
+  template <std::ranges::contiguous_range KRange, std::ranges::contiguous_range VRange>
+    requires std::same_as<std::ranges::range_value_t<KRange>, std::ranges::range_value_t<VRange>>
+  void append(int layer, std::span<const SeqId> seqs, const KRange& k_range, const VRange& v_range,
+              [[maybe_unused]] stream_type stream = {}) {
+    using In = std::ranges::range_value_t<KRange>;
+    const std::span<const In> k(std::ranges::data(k_range), std::ranges::size(k_range));
+    const std::span<const In> v(std::ranges::data(v_range), std::ranges::size(v_range));
+    check_layer(layer, "append");
+    const std::size_t row = static_cast<std::size_t>(shape_.kv_heads) * shape_.head_dim;
+    if (k.size() != v.size() || k.size() != seqs.size() * row)
+      detail::fail(errc::shape_mismatch, "append(layer ", layer, ", a batch of ", seqs.size(), "): k has ", k.size(),
+                   " and v ", v.size(), " elements; both must be batch * kv_heads * head_dim = ", seqs.size() * row);
+    if (seqs.size() > slots_.size())
+      detail::fail(errc::out_of_range, "append(layer ", layer, ", a batch of ", seqs.size(),
+                   "): more sequences than the cache has slots (", slots_.size(), ")");
+    for (std::size_t i = 0; i < seqs.size(); ++i) batch_slots_[i] = slot_of(seqs[i], "append");
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      char& seen = batch_marks_[static_cast<std::size_t>(batch_slots_[i])];
+      if (seen) {
+        for (std::size_t j = 0; j < i; ++j) batch_marks_[static_cast<std::size_t>(batch_slots_[j])] = 0;
+        detail::fail(errc::out_of_range, "append(layer ", layer, ", a batch): ", seqs[i],
+                     " is listed twice; a batch appends one token to each of its sequences");
       }
+      seen = 1;
     }
-    state.length += n;
-    if (retention_.ring_tokens > 0)
-      state.first_held = std::max(state.first_held, state.length - retention_.ring_tokens);
+    for (std::size_t i = 0; i < seqs.size(); ++i) batch_marks_[static_cast<std::size_t>(batch_slots_[i])] = 0;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const int slot = batch_slots_[i];
+      const int length = layer_state(slot, layer).length;
+      if (length >= slots_[static_cast<std::size_t>(slot)].reserved)
+        detail::fail(errc::capacity_exceeded, "append(layer ", layer, ", a batch): ", seqs[i], " holds ", length,
+                     " positions and has no more reserved; call reserve(seq, 1) first");
+    }
+    const int n = static_cast<int>(seqs.size());
+    write_rows(layer, n,
+               [&](int i) {
+                 const int slot = batch_slots_[static_cast<std::size_t>(i)];
+                 return book_.locate(slot, layer_state(slot, layer).length);
+               },
+               k.data(), v.data(), stream);
+    for (int i = 0; i < n; ++i) advance(layer_state(batch_slots_[static_cast<std::size_t>(i)], layer), 1);
   }
 
   // The pages (blocks) that reserve() can still hand out, evicting cached prefixes if needed.
@@ -276,6 +324,7 @@ class KVCache {
     const SeqId child = open();
     const int to = static_cast<int>(child.slot);
     book_.fork(from, to, length, copier());
+    sync_device_table(to);
     for (int layer = 0; layer < shape_.layers; ++layer)
       layer_state(to, layer) = layer_state(from, layer);
     slots_[static_cast<std::size_t>(from)].reserved = length;
@@ -298,6 +347,7 @@ class KVCache {
     view.sink_tokens = retention_.sink_tokens;
     view.first_held = retention_.ring_tokens > 0 ? std::max(state.first_held, retention_.sink_tokens) : 0;
     book_.segments(slot, state.length, view.first_held, pool(layer, 0), pool(layer, 1), view);
+    if constexpr (device_paged) view.block_ids = device_tables_.row(slot);
     view.hadamard = is_hadamard_rotated<DType>;
     if constexpr (quantized) {
       view.k_scale_pool = scale_pool(layer, 0);
@@ -336,6 +386,7 @@ class KVCache {
                    max_length(slot), " and reserved ", slots_[static_cast<std::size_t>(slot)].reserved,
                    " positions; match a prefix into a freshly opened sequence");
     const int matched = book_.match_prefix(slot, tokens, match_limit(tokens), prefix_root_of(salt), salt);
+    sync_device_table(slot);
     for (int layer = 0; layer < shape_.layers; ++layer) layer_state(slot, layer).length = matched;
     slots_[static_cast<std::size_t>(slot)].reserved = matched;
     audit_after_change();
@@ -538,6 +589,57 @@ class KVCache {
   }
 
   static constexpr bool quantized = QuantizedElement<DType>;
+  // Kernels on a device backend read a device copy of paged block tables.
+  static constexpr bool device_paged =
+      !B::host_accessible && requires(const typename Layout::bookkeeping& book) { book.tables(); };
+
+  static DeviceBlockTables<B> make_device_tables(const typename Layout::bookkeeping& book, int slots) {
+    if constexpr (device_paged) return DeviceBlockTables<B>(slots, book.tables().max_blocks());
+    else return {};
+  }
+  void sync_device_table(int slot) {
+    if constexpr (device_paged) device_tables_.sync(slot, book_.tables().blocks(slot));
+  }
+
+  // Writes n tokens' K and V rows ([n][kv_heads][head_dim]) of layer `layer`, token i to page
+  // row row_of(i): here on a host backend, by the backend's kernel on a device backend.
+  template <class In, class RowOf>
+  void write_rows(int layer, int n, RowOf row_of, const In* k, const In* v, [[maybe_unused]] stream_type stream) {
+    const std::size_t row = static_cast<std::size_t>(shape_.kv_heads) * shape_.head_dim;
+    if constexpr (!B::host_accessible) {
+      constexpr int chunk = 512;
+      PageRow rows[chunk];
+      RowTarget<storage_type> target{pool(layer, 0), pool(layer, 1), shape_.kv_heads, layout_.page_tokens(),
+                                     shape_.head_dim};
+      if constexpr (quantized) {
+        target.k_scale_pool = scale_pool(layer, 0);
+        target.v_scale_pool = scale_pool(layer, 1);
+      }
+      for (int first = 0; first < n; first += chunk) {
+        const int count = std::min(chunk, n - first);
+        for (int i = 0; i < count; ++i) rows[i] = row_of(first + i);
+        B::template store_rows<DType>(target, k + first * row, v + first * row,
+                                      std::span<const PageRow>(rows, static_cast<std::size_t>(count)), stream);
+      }
+    } else {
+      for (int token = 0; token < n; ++token) {
+        const PageRow at = row_of(token);
+        for (int head = 0; head < shape_.kv_heads; ++head) {
+          const std::size_t source = token * row + static_cast<std::size_t>(head) * shape_.head_dim;
+          const std::size_t target = row_offset(at.page, head, at.row);
+          store_row(layer, 0, target, k + source);
+          store_row(layer, 1, target, v + source);
+        }
+      }
+    }
+  }
+
+  // n positions were appended to a layer: a sliding window's ring has dropped the oldest.
+  void advance(LayerState& state, int n) const {
+    state.length += n;
+    if (retention_.ring_tokens > 0)
+      state.first_held = std::max(state.first_held, state.length - retention_.ring_tokens);
+  }
 
   // kind 0: K, 1: V. [page_count][kv_heads][page_tokens][head_dim], after every scale.
   storage_type* pool(int layer, int kind) const {
@@ -604,6 +706,9 @@ class KVCache {
   std::vector<LayerState> layer_state_;  // [max_sequences][layers]
   std::vector<int> free_slots_;          // stack of closed slots, lowest on top
   mutable std::vector<int> held_scratch_ = std::vector<int>(slots_.size());  // [max_sequences] for stats()
+  DeviceBlockTables<B> device_tables_;  // device backends with paged storage: what kernels read
+  std::vector<int> batch_slots_ = std::vector<int>(slots_.size());    // [max_sequences] a batch append's slots
+  std::vector<char> batch_marks_ = std::vector<char>(slots_.size());  // [max_sequences] duplicates check
 };
 
 KVCACHE_END_NAMESPACE

@@ -25,6 +25,16 @@
 #endif
 #endif
 
+// Whether this translation unit compiles kvcache's CUDA kernels: nvcc does. (The CUDA tests also
+// run them on the CPU: tests/cuda/emulator.hpp defines it to 1 for a host compiler.)
+#ifndef KVCACHE_CUDA_KERNELS
+#if defined(__CUDACC__)
+#define KVCACHE_CUDA_KERNELS 1
+#else
+#define KVCACHE_CUDA_KERNELS 0
+#endif
+#endif
+
 // Internal invariant checks on hot paths. Public-API validation throws kvcache::Error instead;
 // this is for "cannot happen unless kvcache has a bug or a caller broke a documented @pre".
 #ifndef KVCACHE_ASSERT

@@ -22,6 +22,7 @@ enum class errc {
   out_of_range,            // a layer, length or position outside what exists
   position_overwritten,    // a sliding-window position that the ring has already reused
   corrupt_data,            // a file or buffer that fails its format or checksum checks
+  backend_error,           // the device runtime refused a call (driver, launch or copy failure)
 };
 
 constexpr std::string_view to_string(errc code) noexcept {
@@ -33,6 +34,7 @@ constexpr std::string_view to_string(errc code) noexcept {
     case errc::out_of_range: return "out_of_range";
     case errc::position_overwritten: return "position_overwritten";
     case errc::corrupt_data: return "corrupt_data";
+    case errc::backend_error: return "backend_error";
   }
   return "unknown";
 }

@@ -28,6 +28,9 @@
 
 #include "backend/concept.hpp"
 #include "backend/cpu.hpp"
+#if KVCACHE_CUDA_KERNELS
+#include "backend/cuda.hpp"  // device storage; its kernels need nvcc, so nvcc alone sees it here
+#endif
 
 #include "cache.hpp"
 

@@ -1,5 +1,7 @@
 // attention::decode and attention::prefill over a cache: validation at the edge, then the
-// backend's kernel, chosen at compile time from the cache's Backend tag.
+// backend's kernel, chosen at compile time from the cache's Backend tag. For backend::cuda, q
+// and out are device memory, the kernels are queued on `stream`, and the calling file must be
+// compiled by nvcc (attention/cuda/*.cuh).
 //
 // Works with any cache type that offers shape(), view(layer, seq) and backend_type (KVCache
 // does); this header does not include the cache, and the cache does not include kernels.
@@ -19,6 +21,11 @@
 #include "../view.hpp"
 #include "cpu.hpp"
 #include "params.hpp"
+
+#if KVCACHE_CUDA_KERNELS
+#include "cuda/decode.cuh"
+#include "cuda/prefill.cuh"
+#endif
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -51,6 +58,17 @@ void check_sizes(const Cache& cache, std::size_t queries, std::size_t q_size, st
                           " queries * q_heads * head_dim = ", expected);
 }
 
+#if KVCACHE_CUDA_KERNELS
+template <class Cache>
+inline constexpr bool runs_on_cuda = std::same_as<typename Cache::backend_type, backend::cuda>;
+#else
+template <class Cache>
+inline constexpr bool runs_on_cuda = false;
+#endif
+
+template <class Cache>
+inline constexpr bool no_kernels_for = !std::same_as<typename Cache::backend_type, backend::cpu> && !runs_on_cuda<Cache>;
+
 }  // namespace detail
 
 // One new query token for each sequence of a batch (ragged lengths welcome).
@@ -59,7 +77,7 @@ void check_sizes(const Cache& cache, std::size_t queries, std::size_t q_size, st
 //           whose K/V must already be appended.
 template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
 void decode(const Cache& cache, int layer, std::span<const SeqId> seqs, const QRange& q,
-            ORange&& out, const AttentionParams& params = {}) {
+            ORange&& out, const AttentionParams& params = {}, [[maybe_unused]] typename Cache::stream_type stream = {}) {
   detail::check_sizes(cache, seqs.size(), std::ranges::size(q), std::ranges::size(out), "decode");
   using View = decltype(cache.view(layer, seqs[0]));
   thread_local std::vector<View> views;  // grows to the largest batch, then never allocates
@@ -68,19 +86,24 @@ void decode(const Cache& cache, int layer, std::span<const SeqId> seqs, const QR
     views.push_back(cache.view(layer, seq));
     detail::check_view(views.back(), 1, seq, layer, "decode");
   }
-  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
+  static_assert(!detail::no_kernels_for<Cache>,
+                "no attention kernels for this backend here (backend::cuda: compile this file with nvcc)");
+  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>) {
     cpu::decode(std::span<const View>(views), cache.shape().q_heads, std::ranges::data(q), std::ranges::data(out),
                 params);
-  else
-    static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
-                  "no attention kernels for this backend");
+  }
+#if KVCACHE_CUDA_KERNELS
+  if constexpr (detail::runs_on_cuda<Cache>)
+    cuda::decode(std::span<const View>(views), cache.shape().q_heads, std::ranges::data(q), std::ranges::data(out),
+                 params, stream);
+#endif
 }
 
 // decode() for a batch of one.
 template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
 void decode(const Cache& cache, int layer, SeqId seq, const QRange& q, ORange&& out,
-            const AttentionParams& params = {}) {
-  decode(cache, layer, std::span<const SeqId>(&seq, 1), q, std::forward<ORange>(out), params);
+            const AttentionParams& params = {}, typename Cache::stream_type stream = {}) {
+  decode(cache, layer, std::span<const SeqId>(&seq, 1), q, std::forward<ORange>(out), params, stream);
 }
 
 // n query tokens of one sequence (a prompt or a chunk of one), causal against the cache and
@@ -88,18 +111,23 @@ void decode(const Cache& cache, int layer, SeqId seq, const QRange& q, ORange&& 
 //   q, out: contiguous ranges of [n][q_heads][head_dim]
 template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
 void prefill(const Cache& cache, int layer, SeqId seq, const QRange& q, ORange&& out,
-             const AttentionParams& params = {}) {
+             const AttentionParams& params = {}, [[maybe_unused]] typename Cache::stream_type stream = {}) {
   const std::size_t per_query = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
   const std::size_t queries = std::ranges::size(q) / per_query;
   detail::check_sizes(cache, queries, std::ranges::size(q), std::ranges::size(out), "prefill");
   const auto view = cache.view(layer, seq);
   detail::check_view(view, static_cast<int>(queries), seq, layer, "prefill");
-  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>)
+  static_assert(!detail::no_kernels_for<Cache>,
+                "no attention kernels for this backend here (backend::cuda: compile this file with nvcc)");
+  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>) {
     cpu::prefill(view, cache.shape().q_heads, static_cast<int>(queries), std::ranges::data(q),
                  std::ranges::data(out), params);
-  else
-    static_assert(std::same_as<typename Cache::backend_type, backend::cpu>,
-                  "no attention kernels for this backend");
+  }
+#if KVCACHE_CUDA_KERNELS
+  if constexpr (detail::runs_on_cuda<Cache>)
+    cuda::prefill(view, cache.shape().q_heads, static_cast<int>(queries), std::ranges::data(q),
+                  std::ranges::data(out), params, stream);
+#endif
 }
 
 }  // namespace attention

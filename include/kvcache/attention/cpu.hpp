@@ -83,7 +83,7 @@ inline void prefetch_row(const Storage* row) {
 }
 
 template <int HeadDim>
-inline constexpr bool use_simd = simd::width > 0 && HeadDim > 0 && HeadDim % (2 * simd::width) == 0;
+inline constexpr bool use_simd = simd::width > 0 && HeadDim > 0 && HeadDim % (2 * std::max(simd::width, 1)) == 0;
 
 #if KVCACHE_SIMD_WIDTH > 0
 

@@ -24,6 +24,8 @@ namespace backend {
 struct cpu {
   static constexpr const char* name = "cpu";
   static constexpr std::size_t alignment = 64;
+  static constexpr bool host_accessible = true;
+  struct stream_type {};  // the CPU kernels run on the calling thread and the pool: no stream
 
   static constexpr std::size_t huge_page = std::size_t{2} << 20;
 
@@ -40,6 +42,7 @@ struct cpu {
   }
   static void copy(void* dst, const void* src, std::size_t bytes) { std::memmove(dst, src, bytes); }
   static void fill_zero(void* dst, std::size_t bytes) { std::memset(dst, 0, bytes); }
+  static void upload(void* dst, const void* src, std::size_t bytes) { std::memmove(dst, src, bytes); }
   static constexpr std::size_t alignment_for(std::size_t bytes) { return bytes >= huge_page ? huge_page : alignment; }
 
   // Threads the attention kernels use (the calling thread included); by default every hardware

@@ -7,8 +7,10 @@
 // cache and the attention kernels take either (CacheElement).
 #pragma once
 
+#include <bit>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <string_view>
 
@@ -46,6 +48,25 @@ concept QuantizedElement = ElementType<T> && (T::scale_bits == 32) &&
 
 template <class T>
 concept CacheElement = FloatElement<T> || QuantizedElement<T>;
+
+namespace detail {
+
+// Float helpers the row quantizers use on host and device alike (<cmath>'s are host-only).
+KVCACHE_HOST_DEVICE constexpr bool is_finite(float x) noexcept {
+  return (std::bit_cast<std::uint32_t>(x) & 0x7F800000u) != 0x7F800000u;
+}
+KVCACHE_HOST_DEVICE constexpr float magnitude(float x) noexcept {
+  return std::bit_cast<float>(std::bit_cast<std::uint32_t>(x) & 0x7FFFFFFFu);
+}
+// The finite elements' largest magnitude (NaN and inf skipped); 0 for none.
+KVCACHE_HOST_DEVICE constexpr float finite_absmax(std::span<const float> row) noexcept {
+  float absmax = 0.0f;
+  for (const float x : row)
+    if (is_finite(x) && magnitude(x) > absmax) absmax = magnitude(x);
+  return absmax;
+}
+
+}  // namespace detail
 
 // Bytes that one row of `elements` values takes, scales included.
 // @pre elements * T::bits is a whole number of bytes (head_dim even for 4-bit types).

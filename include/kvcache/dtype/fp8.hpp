@@ -22,6 +22,7 @@
 #include <span>
 
 #include "../config.hpp"
+#include "concept.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -139,9 +140,11 @@ static_assert(fp8_e5m2_codec::decode(fp8_e5m2_codec::max_code) == fp8_e5m2_codec
 // One fp8 code as stored in a cache: distinct types per format, so a kernel picks the right
 // conversion from the storage type alone.
 struct fp8_e4m3_code {
+  static constexpr const char* format = "fp8_e4m3";
   std::uint8_t bits;
 };
 struct fp8_e5m2_code {
+  static constexpr const char* format = "fp8_e5m2";
   std::uint8_t bits;
 };
 
@@ -152,35 +155,27 @@ struct fp8_e5m2_code {
 //   E5M2: |x - x'| <= max(|x| * 2^-3, m * 2^-32)
 // NaN inputs are stored as 0 and +-inf saturate to +-absmax of the finite elements, as int8
 // does, so a cache never holds a NaN or inf code.
-template <class Codec, class Code, const char* Name>
+template <class Codec, class Code>
 struct fp8_element {
   using storage_type = Code;
-  static constexpr const char* name = Name;
+  static constexpr const char* name = Code::format;
   static constexpr int bits = 8;
   static constexpr int scale_bits = 32;
 
-  static float row_scale(std::span<const float> row) noexcept {
-    float absmax = 0.0f;
-    for (const float x : row)
-      if (std::isfinite(x)) absmax = std::max(absmax, std::abs(x));
-    return absmax / Codec::max_finite;
+  KVCACHE_HOST_DEVICE static float row_scale(std::span<const float> row) noexcept {
+    return detail::finite_absmax(row) / Codec::max_finite;
   }
-  static void quantize_row(std::span<const float> row, float scale, Code* codes) {
+  KVCACHE_HOST_DEVICE static void quantize_row(std::span<const float> row, float scale, Code* codes) {
     for (std::size_t i = 0; i < row.size(); ++i) {
-      const float x = std::isnan(row[i]) || scale == 0.0f ? 0.0f : row[i] / scale;
+      const float x = row[i] != row[i] || scale == 0.0f ? 0.0f : row[i] / scale;  // NaN as 0
       codes[i] = {Codec::encode(x)};
     }
   }
   KVCACHE_HOST_DEVICE static constexpr float decode(Code code) noexcept { return Codec::decode(code.bits); }
 };
 
-namespace detail {
-inline constexpr char fp8_e4m3_name[] = "fp8_e4m3";
-inline constexpr char fp8_e5m2_name[] = "fp8_e5m2";
-}  // namespace detail
-
-using fp8_e4m3 = fp8_element<fp8_e4m3_codec, fp8_e4m3_code, detail::fp8_e4m3_name>;
-using fp8_e5m2 = fp8_element<fp8_e5m2_codec, fp8_e5m2_code, detail::fp8_e5m2_name>;
+using fp8_e4m3 = fp8_element<fp8_e4m3_codec, fp8_e4m3_code>;
+using fp8_e5m2 = fp8_element<fp8_e5m2_codec, fp8_e5m2_code>;
 
 // A stored code as the kernels read it (times the row's scale).
 KVCACHE_HOST_DEVICE constexpr float to_float(fp8_e4m3_code code) noexcept { return fp8_e4m3::decode(code); }

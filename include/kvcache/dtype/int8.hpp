@@ -28,13 +28,12 @@ inline constexpr int int8_max_code = 127;
 // absmax / 127 over the finite elements of `row`, rounded down where needed so that
 // 127 * scale <= absmax also in float: dequantized values never leave [-absmax, absmax], so a
 // row holding +-FLT_MAX does not dequantize to inf.
-inline float int8_row_scale(std::span<const float> row) noexcept {
-  float absmax = 0.0f;
-  for (const float x : row)
-    if (std::isfinite(x)) absmax = std::max(absmax, std::abs(x));
+KVCACHE_HOST_DEVICE float int8_row_scale(std::span<const float> row) noexcept {
+  const float absmax = detail::finite_absmax(row);
   constexpr auto max_code = static_cast<float>(int8_max_code);
   float scale = absmax / max_code;
-  while (max_code * scale > absmax) scale = std::nextafter(scale, 0.0f);  // at most one step
+  while (max_code * scale > absmax)  // at most one step down (scale > 0 here)
+    scale = std::bit_cast<float>(std::bit_cast<std::uint32_t>(scale) - 1);
   return scale;
 }
 
@@ -42,21 +41,25 @@ inline float int8_row_scale(std::span<const float> row) noexcept {
 // top of this header says, and every code 0 when scale is 0. A scale other than the row's
 // own (one shared by several rows, say) is fine: elements beyond 127 * scale saturate.
 // @pre codes.size() == row.size(); scale is finite and >= 0.
-inline void quantize_int8_row(std::span<const float> row, float scale,
-                              std::span<std::int8_t> codes) {
+KVCACHE_HOST_DEVICE void quantize_int8_row(std::span<const float> row, float scale,
+                                           std::span<std::int8_t> codes) {
   KVCACHE_ASSERT(codes.size() == row.size(), "quantize_int8_row: need one code per element");
   KVCACHE_ASSERT(scale >= 0.0f && scale <= std::numeric_limits<float>::max(),
                  "quantize_int8_row: scale must be finite and >= 0");
   if (scale == 0.0f) {  // would divide by zero; every element is within 0 of 0 * code anyway
-    std::fill(codes.begin(), codes.end(), std::int8_t{0});
+    for (std::int8_t& code : codes) code = 0;
     return;
   }
   constexpr auto max_code = static_cast<float>(int8_max_code);
   for (std::size_t i = 0; i < row.size(); ++i) {
-    const float x = std::isnan(row[i]) ? 0.0f : row[i];
+    const float x = row[i] != row[i] ? 0.0f : row[i];  // NaN as 0
     // Divide rather than multiply by 1 / scale: a subnormal scale has no finite reciprocal.
     const float steps = std::clamp(x / scale, -max_code, max_code);
+#if defined(__CUDA_ARCH__)
+    codes[i] = static_cast<std::int8_t>(rintf(steps));  // ties to even, as nearbyint
+#else
     codes[i] = static_cast<std::int8_t>(std::nearbyint(steps));
+#endif
   }
 }
 
@@ -76,8 +79,8 @@ struct int8 {
   static constexpr int bits = 8;
   static constexpr int scale_bits = 32;
 
-  static float row_scale(std::span<const float> row) noexcept { return int8_row_scale(row); }
-  static void quantize_row(std::span<const float> row, float scale, std::int8_t* codes) {
+  KVCACHE_HOST_DEVICE static float row_scale(std::span<const float> row) noexcept { return int8_row_scale(row); }
+  KVCACHE_HOST_DEVICE static void quantize_row(std::span<const float> row, float scale, std::int8_t* codes) {
     quantize_int8_row(row, scale, {codes, row.size()});
   }
   KVCACHE_HOST_DEVICE static constexpr float decode(std::int8_t code) noexcept { return code; }

@@ -31,6 +31,19 @@ struct PageRow {
   int row = 0;
 };
 
+// The K and V pools of one layer, [page][kv_head][page_tokens][head_dim], as a backend that
+// writes appended rows itself (one whose memory the host cannot touch) sees them.
+template <class Storage>
+struct RowTarget {
+  Storage* k_pool = nullptr;
+  Storage* v_pool = nullptr;
+  int kv_heads = 0;
+  int page_tokens = 0;
+  int head_dim = 0;
+  float* k_scale_pool = nullptr;  // quantized types: one scale per row, [page][kv_head][page_tokens]
+  float* v_scale_pool = nullptr;
+};
+
 // Which positions a policy keeps. With ring_tokens > 0 only the sink_tokens first positions
 // and the ring_tokens most recent ones are stored, and attention sees the sinks and the last
 // `window` positions (window <= ring_tokens; the rest of the ring allows rollback).

@@ -1,0 +1,196 @@
+// Device pieces shared by the CUDA attention kernels: finding a position's K/V row (and, for
+// quantized types, its scales) in any policy's view, 16-byte row loads converted to fp32, the
+// launch-parameter batch of views, and the growing device workspace for queries and split-K
+// partial results.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "../../backend/cuda.hpp"
+#include "../../backend/cuda/launch.cuh"
+#include "../../dtype/float.hpp"
+#include "../../dtype/fp8.hpp"
+#include "../../dtype/int8.hpp"
+#include "../../view.hpp"
+
+KVCACHE_BEGIN_NAMESPACE
+
+namespace attention::cuda::detail {
+
+using backend::cuda_detail::launch;
+
+inline constexpr int block_threads = 128;  // every kernel here: four warps
+inline constexpr int block_warps = block_threads / 32;
+inline constexpr float log2e = 1.4426950408889634f;  // softmax runs in base 2: exp2f is one instruction
+
+// Views travel in the kernel's parameters (up to 32 KiB on Volta and later), so a launch copies
+// nothing to the device first.
+inline constexpr int views_per_launch = 64;
+template <class Storage>
+struct ViewBatch {
+  SequenceView<Storage> views[views_per_launch];
+};
+static_assert(sizeof(ViewBatch<float>) < 30000, "kernel parameters are limited to 32 KiB");
+
+// Element types stored as one byte codes with a float scale per row.
+template <class Storage>
+inline constexpr bool is_code = sizeof(Storage) == 1;
+
+template <class Storage>
+struct RowPair {
+  const Storage* k;
+  const Storage* v;
+  float k_scale;  // quantized rows: the row's scales; 1 otherwise
+  float v_scale;
+};
+
+// The K and V rows of kv_head at `position`. @pre the view holds position.
+template <class Storage>
+__device__ __forceinline__ RowPair<Storage> locate_row(const SequenceView<Storage>& view, int kv_head, int position) {
+  const std::size_t head_dim = static_cast<std::size_t>(view.head_dim);
+  for (int i = 0; i < view.direct_count; ++i) {
+    const Segment<Storage>& segment = view.direct[i];
+    const int row = position - segment.first_position;
+    if (row >= 0 && row < segment.count) {
+      const std::size_t offset = kv_head * segment.head_stride + row * head_dim;
+      if constexpr (is_code<Storage>)
+        return {segment.k + offset, segment.v + offset, __ldg(segment.k_scale + offset / head_dim),
+                __ldg(segment.v_scale + offset / head_dim)};
+      else
+        return {segment.k + offset, segment.v + offset, 1.0f, 1.0f};
+    }
+  }
+  const int block = position / view.block_tokens;
+  const int row = position - block * view.block_tokens;
+  const std::size_t offset =
+      ((static_cast<std::size_t>(view.block_ids[block]) * view.kv_heads + kv_head) * view.block_tokens + row) *
+      head_dim;
+  if constexpr (is_code<Storage>)
+    return {view.k_pool + offset, view.v_pool + offset, __ldg(view.k_scale_pool + offset / head_dim),
+            __ldg(view.v_scale_pool + offset / head_dim)};
+  else
+    return {view.k_pool + offset, view.v_pool + offset, 1.0f, 1.0f};
+}
+
+// Loads N elements (a multiple of 16 bytes, 16-byte aligned) and converts them to fp32.
+template <int N, class Storage>
+__device__ __forceinline__ void load_floats(const Storage* source, float* out) {
+  static_assert(N * sizeof(Storage) % 16 == 0, "whole 16-byte loads");
+  const uint4* raw = reinterpret_cast<const uint4*>(source);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(N * sizeof(Storage) / 16); ++i) {
+    const uint4 bits = __ldg(raw + i);
+    if constexpr (is_code<Storage>) {  // int8 or fp8 codes: the row's scale is applied later
+      const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        Storage code;
+        const unsigned char byte = static_cast<unsigned char>(words[j / 4] >> (8 * (j % 4)));
+        memcpy(static_cast<void*>(&code), &byte, 1);
+        out[16 * i + j] = to_float(code);
+      }
+    } else if constexpr (std::is_same_v<Storage, float>) {
+      out[4 * i + 0] = __uint_as_float(bits.x);
+      out[4 * i + 1] = __uint_as_float(bits.y);
+      out[4 * i + 2] = __uint_as_float(bits.z);
+      out[4 * i + 3] = __uint_as_float(bits.w);
+    } else {
+      const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float2 pair;
+        if constexpr (std::is_same_v<Storage, Eigen::half>) {
+          __half2 halves;
+          memcpy(static_cast<void*>(&halves), &words[j], 4);
+          pair = __half22float2(halves);
+        } else {
+          static_assert(std::is_same_v<Storage, Eigen::bfloat16>, "f32, f16 or bf16 rows");
+          __nv_bfloat162 halves;
+          memcpy(static_cast<void*>(&halves), &words[j], 4);
+          pair = __bfloat1622float2(halves);
+        }
+        out[8 * i + 2 * j] = pair.x;
+        out[8 * i + 2 * j + 1] = pair.y;
+      }
+    }
+  }
+}
+
+// Natural-log logit -> base-2 logit, with the optional soft cap applied first.
+__device__ __forceinline__ float to_log2_logit(float logit, float soft_cap) {
+  if (soft_cap > 0.0f) logit = soft_cap * tanhf(logit / soft_cap);
+  return logit * log2e;
+}
+
+// Every query row, scaled by `scale`, as fp32: [rows][head_dim] with rows = count / head_dim.
+template <class Q>
+__global__ void prepare_queries(const Q* q, float scale, std::size_t count, float* scaled) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    scaled[i] = scale * to_float(q[i]);
+}
+
+template <class Q>
+void launch_prepare_queries(const Q* q, float scale, std::size_t count, float* scaled, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((count + block_threads - 1) / block_threads);
+  launch(prepare_queries<Q>, dim3(blocks < 1024u ? blocks : 1024u), dim3(block_threads), 0, stream,
+         "attention query kernel launch", q, scale, count, scaled);
+}
+
+// Device scratch that only grows (cudaFree synchronizes, so a kernel still reading the old
+// buffer finishes first). One per host thread, like the CPU kernels' scratch.
+class Workspace {
+ public:
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace() {
+    if (data_ != nullptr) cudaFree(data_);
+  }
+
+  float* floats(std::size_t count) {
+    const std::size_t bytes = count * sizeof(float);
+    if (bytes > bytes_) {
+      if (data_ != nullptr) cudaFree(data_);
+      data_ = nullptr;
+      bytes_ = 0;
+      void* memory = nullptr;
+      backend::cuda::check(cudaMalloc(&memory, bytes), "cudaMalloc (attention workspace)");
+      data_ = static_cast<float*>(memory);
+      bytes_ = bytes;
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+inline Workspace& workspace() {
+  thread_local Workspace instance;
+  return instance;
+}
+
+// The head dims the kernels are instantiated for; others throw.
+template <class F>
+void dispatch_head_dim(int head_dim, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default:
+      kvcache::detail::fail(errc::invalid_configuration, "head_dim = ", head_dim,
+                            ": the CUDA attention kernels are built for head_dim 64, 128 and 256");
+  }
+}
+
+}  // namespace attention::cuda::detail
+
+KVCACHE_END_NAMESPACE

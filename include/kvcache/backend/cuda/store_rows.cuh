@@ -1,0 +1,73 @@
+// backend::cuda::store_rows: the append kernel. One thread block per (new token, kv-head)
+// converts that row of K and of V to the cache's element type and writes it to its page row;
+// a quantized row is scaled and encoded by one thread, with the CPU's own row quantizer, so
+// both backends store the same codes and scales.
+// The page rows travel in the launch's parameters, so an append copies nothing to the device
+// first; included by backend/cuda.hpp when nvcc compiles.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+
+#include "../../dtype/concept.hpp"
+#include "../../dtype/float.hpp"
+#include "../../shape.hpp"
+#include "launch.cuh"
+
+KVCACHE_BEGIN_NAMESPACE
+
+namespace backend::cuda_detail {
+
+inline constexpr int rows_per_launch = 1024;  // 8 KiB of kernel parameters
+
+struct RowBatch {
+  PageRow rows[rows_per_launch];
+};
+
+template <class DType, class In>
+__global__ void store_rows_kernel(RowTarget<typename DType::storage_type> target, const In* k, const In* v,
+                                  const RowBatch batch) {
+  const int token = static_cast<int>(blockIdx.x), head = static_cast<int>(blockIdx.y);
+  const PageRow at = batch.rows[token];
+  const std::size_t head_dim = static_cast<std::size_t>(target.head_dim);
+  const std::size_t stored =
+      ((static_cast<std::size_t>(at.page) * target.kv_heads + head) * target.page_tokens + at.row) * head_dim;
+  const std::size_t source = (static_cast<std::size_t>(token) * target.kv_heads + head) * head_dim;
+  if constexpr (QuantizedElement<DType>) {
+    if (threadIdx.x != 0) return;
+    float row[ModelShape::max_head_dim];
+    const std::span<const float> values(row, head_dim);
+    for (int kind = 0; kind < 2; ++kind) {
+      const In* input = (kind == 0 ? k : v) + source;
+      for (std::size_t d = 0; d < head_dim; ++d) row[d] = to_float(input[d]);
+      const float scale = DType::row_scale(values);
+      DType::quantize_row(values, scale, (kind == 0 ? target.k_pool : target.v_pool) + stored);
+      (kind == 0 ? target.k_scale_pool : target.v_scale_pool)[stored / head_dim] = scale;
+    }
+  } else {
+    for (std::size_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+      target.k_pool[stored + d] = DType::from_float(to_float(k[source + d]));
+      target.v_pool[stored + d] = DType::from_float(to_float(v[source + d]));
+    }
+  }
+}
+
+}  // namespace backend::cuda_detail
+
+template <class DType, class In>
+void backend::cuda::store_rows(const RowTarget<typename DType::storage_type>& target, const In* k, const In* v,
+                               std::span<const PageRow> rows, cudaStream_t stream) {
+  using namespace cuda_detail;
+  const std::size_t row = static_cast<std::size_t>(target.kv_heads) * target.head_dim;
+  const int threads = std::min(128, (target.head_dim + 31) / 32 * 32);
+  for (std::size_t first = 0; first < rows.size(); first += rows_per_launch) {
+    const int count = static_cast<int>(std::min<std::size_t>(rows_per_launch, rows.size() - first));
+    RowBatch batch;
+    std::copy_n(rows.begin() + static_cast<std::ptrdiff_t>(first), count, batch.rows);
+    launch(store_rows_kernel<DType, In>, dim3(static_cast<unsigned>(count), static_cast<unsigned>(target.kv_heads)),
+           dim3(static_cast<unsigned>(threads)), 0, stream, "append kernel launch", target, k + first * row,
+           v + first * row, batch);
+  }
+}
+
+KVCACHE_END_NAMESPACE
