@@ -641,14 +641,19 @@ class KVCache {
       state.first_held = std::max(state.first_held, state.length - retention_.ring_tokens);
   }
 
-  // kind 0: K, 1: V. [page_count][kv_heads][page_tokens][head_dim], after every scale.
+  // Quantized types keep their scales before the elements on the host (floats aligned whatever
+  // the shape) and after them on a device, whose kernels load rows 16 bytes at a time from
+  // 16-byte aligned addresses (cudaMalloc aligns the start; every row is head_dim elements).
+  static constexpr bool scales_first = B::host_accessible;
+
+  // kind 0: K, 1: V. [page_count][kv_heads][page_tokens][head_dim].
   storage_type* pool(int layer, int kind) const {
-    return reinterpret_cast<storage_type*>(memory_.get() + scale_bytes_) +
+    return reinterpret_cast<storage_type*>(memory_.get() + (scales_first ? scale_bytes_ : 0)) +
            (static_cast<std::size_t>(layer) * 2 + kind) * pool_elements_;
   }
   // Quantized types: the scale of each row of pool(layer, kind), [page_count][kv_heads][page_tokens].
   float* scale_pool(int layer, int kind) const {
-    return reinterpret_cast<float*>(memory_.get()) +
+    return reinterpret_cast<float*>(memory_.get() + (scales_first ? 0 : bytes_capacity_ - scale_bytes_)) +
            (static_cast<std::size_t>(layer) * 2 + kind) * (pool_elements_ / shape_.head_dim);
   }
 
@@ -700,7 +705,8 @@ class KVCache {
     std::size_t bytes;
     void operator()(std::byte* memory) const noexcept { B::deallocate(memory, bytes); }
   };
-  // The scales (quantized types), then [layers][K, V][page_count][kv_heads][page_tokens][head_dim].
+  // [layers][K, V][page_count][kv_heads][page_tokens][head_dim] and, for quantized types, the
+  // scales [layers][K, V][page_count][kv_heads][page_tokens] before it (host) or after it (device).
   std::unique_ptr<std::byte, Release> memory_;
   std::vector<SlotState> slots_;         // [max_sequences]
   std::vector<LayerState> layer_state_;  // [max_sequences][layers]

@@ -37,6 +37,9 @@ class DeviceVector {
   DeviceVector& operator=(const DeviceVector&) = delete;
   ~DeviceVector() { cudaFree(data_); }
 
+  // Every byte 0xFF: NaN in every float type, so an element a kernel fails to write fails the test.
+  void poison() { backend::cuda::check(cudaMemset(data_, 0xFF, count_ * sizeof(T)), "cudaMemset (test)"); }
+
   std::span<const T> span() const { return {data_, count_}; }
   std::span<T> span() { return {data_, count_}; }
   std::vector<T> download() const {
@@ -80,7 +83,8 @@ struct Twin {
   DeviceCache device;
   std::vector<SeqId> seqs;  // the same handles in both caches
 
-  explicit Twin(const ModelShape& model) : shape(model), host(model, make_layout<Layout>()), device(model, make_layout<Layout>()) {}
+  explicit Twin(const ModelShape& model, const Layout& layout = make_layout<Layout>())
+      : shape(model), host(model, layout), device(model, layout) {}
 
   std::size_t kv_row() const { return static_cast<std::size_t>(shape.kv_heads) * shape.head_dim; }
   std::size_t q_row() const { return static_cast<std::size_t>(shape.q_heads) * shape.head_dim; }
@@ -164,6 +168,7 @@ struct Twin {
     attention::decode(host, layer, std::span<const SeqId>(batch), q, expected, params);
     const DeviceVector<float> q_device(q);
     DeviceVector<Out> out_device(q.size());
+    out_device.poison();
     attention::decode(device, layer, std::span<const SeqId>(batch), q_device.span(), out_device.span(), params);
     cuda_ok(cudaDeviceSynchronize());
     expect_close(expected, out_device.download(), tolerance, "decode");
@@ -177,6 +182,7 @@ struct Twin {
     attention::prefill(host, 0, seq, q, expected, params);
     const DeviceVector<float> q_device(q);
     DeviceVector<float> out_device(q.size());
+    out_device.poison();
     attention::prefill(device, 0, seq, q_device.span(), out_device.span(), params);
     cuda_ok(cudaDeviceSynchronize());
     expect_close(expected, out_device.download(), 2e-5, "prefill");
@@ -218,9 +224,16 @@ using Configs = ::testing::Types<Config<Paged<16>, f32>, Config<Paged<16>, f16>,
                                  Config<Contiguous, fp8_e4m3>, Config<SlidingWindow, fp8_e5m2>>;
 #endif
 
+struct ConfigName {  // CudaBackendTest/paged_bf16.RaggedDecodeMatchesCpu
+  template <class C>
+  static std::string GetName(int) {
+    return std::string(C::layout::name) + "_" + std::string(C::dtype::name);
+  }
+};
+
 template <class C>
 class CudaBackendTest : public ::testing::Test {};
-TYPED_TEST_SUITE(CudaBackendTest, Configs);
+TYPED_TEST_SUITE(CudaBackendTest, Configs, ConfigName);
 
 struct HeadLayout {
   int q_heads, kv_heads, head_dim;
@@ -312,6 +325,17 @@ TEST(CudaBackend, PrefixSharingAndCopyOnWrite) {
   twin.append(rng, second, 5);
   twin.expect_same_rows();
   twin.expect_same_decode(rng, 1, twin.seqs);
+}
+
+// Odd sizes everywhere: the scale region of a quantized cache is not a multiple of 16 bytes,
+// and rows must still be 16-byte aligned for the kernels' loads.
+TEST(CudaBackend, QuantizedRowsOfOddShapes) {
+  std::mt19937 rng(13);
+  Twin<Contiguous, int8> twin({.layers = 3, .q_heads = 3, .kv_heads = 1, .head_dim = 64},
+                              Contiguous{.max_sequences = 3, .max_tokens = 37});
+  for (int length : {37, 5, 20}) twin.append(rng, twin.open(), length);
+  twin.expect_same_rows();
+  twin.expect_same_decode(rng, 2, twin.seqs);
 }
 
 TEST(CudaBackend, UnsupportedHeadDimIsAClearError) {

@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -174,8 +176,13 @@ template <class T>
 T __shfl_sync(unsigned, T value, int source_lane) {
   return kvcache_emulator::shuffle(value, source_lane);
 }
+// Loads as the device does them, which faults on an address not aligned to the load's size.
 template <class T>
 T __ldg(const T* address) {
+  if (reinterpret_cast<std::uintptr_t>(address) % sizeof(T) != 0) {
+    std::fprintf(stderr, "emulated CUDA: misaligned %zu-byte load at %p\n", sizeof(T), static_cast<const void*>(address));
+    std::abort();
+  }
   return *address;
 }
 inline float __uint_as_float(unsigned bits) { return std::bit_cast<float>(bits); }

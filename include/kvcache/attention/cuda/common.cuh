@@ -6,6 +6,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -86,22 +87,31 @@ __device__ __forceinline__ void load_floats(const Storage* source, float* out) {
 #pragma unroll
   for (int i = 0; i < static_cast<int>(N * sizeof(Storage) / 16); ++i) {
     const uint4 bits = __ldg(raw + i);
-    if constexpr (is_code<Storage>) {  // int8 or fp8 codes: the row's scale is applied later
-      const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
+    const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
+    if constexpr (std::is_same_v<Storage, fp8_e4m3_code> || std::is_same_v<Storage, fp8_e5m2_code>) {
+      // Two codes at a time through the hardware conversion to half, which is exact for both
+      // formats (every fp8 value is a half), so the result equals fp8_codec::decode.
+      constexpr __nv_fp8_interpretation_t format = std::is_same_v<Storage, fp8_e4m3_code> ? __NV_E4M3 : __NV_E5M2;
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        Storage code;
-        const unsigned char byte = static_cast<unsigned char>(words[j / 4] >> (8 * (j % 4)));
-        memcpy(static_cast<void*>(&code), &byte, 1);
-        out[16 * i + j] = to_float(code);
+      for (int j = 0; j < 8; ++j) {
+        const auto pair = static_cast<__nv_fp8x2_storage_t>(words[j / 2] >> (16 * (j % 2)));
+        const __half2_raw converted = __nv_cvt_fp8x2_to_halfraw2(pair, format);
+        __half2 halves;
+        memcpy(static_cast<void*>(&halves), &converted, 4);
+        const float2 values = __half22float2(halves);
+        out[16 * i + 2 * j] = values.x;
+        out[16 * i + 2 * j + 1] = values.y;
       }
+    } else if constexpr (is_code<Storage>) {  // int8 codes; the row's scale is applied later
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        out[16 * i + j] = static_cast<float>(static_cast<signed char>(words[j / 4] >> (8 * (j % 4))));
     } else if constexpr (std::is_same_v<Storage, float>) {
       out[4 * i + 0] = __uint_as_float(bits.x);
       out[4 * i + 1] = __uint_as_float(bits.y);
       out[4 * i + 2] = __uint_as_float(bits.z);
       out[4 * i + 3] = __uint_as_float(bits.w);
     } else {
-      const unsigned words[4] = {bits.x, bits.y, bits.z, bits.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         float2 pair;
