@@ -259,6 +259,50 @@ TEST(Attention, BadInputThrowsTypedErrors) {
   EXPECT_NO_THROW(attention::prefill(cache, 0, seq, std::span<const float>(q2), std::span<float>(out2)));
 }
 
+// Continuous batching: one prefill call over several sequences' chunks gives each sequence what
+// its own prefill call gives (bit for bit), and a count per sequence is required.
+TYPED_TEST(AttentionTest, BatchedPrefillEqualsOneCallPerSequence) {
+  using C = TypeParam;
+  std::mt19937 rng(21);
+  const ModelShape shape{1, 8, 2, 64};
+  KVCache<typename C::Layout, typename C::DType> cache(shape, make_layout<typename C::Layout>());
+  const std::size_t kv_row = 2 * 64, q_row = 8 * 64;
+  const int cached[] = {0, 5, 16, 30}, chunk[] = {7, 1, 9, 4};  // chunks within the window's slack
+  std::vector<SeqId> seqs;
+  std::vector<int> counts;
+  int all = 0;
+  for (int i = 0; i < 4; ++i) {
+    const SeqId seq = cache.open();
+    const int n = cached[i] + chunk[i];
+    const auto k = random_values(rng, n * kv_row), v = random_values(rng, n * kv_row);
+    cache.reserve(seq, n);
+    cache.append(0, seq, k, v);
+    seqs.push_back(seq);
+    counts.push_back(chunk[i]);
+    all += chunk[i];
+  }
+  const auto q = random_values(rng, all * q_row);
+  std::vector<float> batched(q.size());
+  attention::prefill(cache, 0, std::span<const SeqId>(seqs), std::span<const int>(counts), q, batched);
+  std::size_t offset = 0;
+  for (int i = 0; i < 4; ++i) {
+    const std::size_t rows = static_cast<std::size_t>(counts[static_cast<std::size_t>(i)]) * q_row;
+    std::vector<float> alone(rows);
+    attention::prefill(cache, 0, seqs[static_cast<std::size_t>(i)], std::span<const float>(q).subspan(offset, rows),
+                       alone);
+    EXPECT_TRUE(std::equal(alone.begin(), alone.end(), batched.begin() + static_cast<std::ptrdiff_t>(offset)))
+        << "sequence " << i;
+    offset += rows;
+  }
+  try {
+    attention::prefill(cache, 0, std::span<const SeqId>(seqs), std::span<const int>(counts).first(3), q, batched);
+    FAIL() << "three counts for four sequences were accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), errc::shape_mismatch);
+    EXPECT_NE(std::string(error.what()).find("4 sequences but 3 query counts"), std::string::npos) << error.what();
+  }
+}
+
 TEST(OnlineSoftmax, MergeOfSplitsEqualsOnePass) {
   std::mt19937 rng(9);
   const auto scores = random_values(rng, 100, 20.0f);

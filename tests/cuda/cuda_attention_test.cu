@@ -188,6 +188,25 @@ struct Twin {
     expect_close(expected, out_device.download(), 2e-5, "prefill");
   }
 
+  // Appends counts[i] positions to batch[i] and runs one batched prefill of them in layer 0.
+  void expect_same_batched_prefill(std::mt19937& rng, const std::vector<SeqId>& batch, const std::vector<int>& counts) {
+    int all = 0;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      append(rng, batch[i], counts[i]);
+      all += counts[i];
+    }
+    const auto q = random_values(rng, all * q_row());
+    std::vector<float> expected(q.size());
+    attention::prefill(host, 0, std::span<const SeqId>(batch), std::span<const int>(counts), q, expected);
+    const DeviceVector<float> q_device(q);
+    DeviceVector<float> out_device(q.size());
+    out_device.poison();
+    attention::prefill(device, 0, std::span<const SeqId>(batch), std::span<const int>(counts), q_device.span(),
+                       out_device.span());
+    cuda_ok(cudaDeviceSynchronize());
+    expect_close(expected, out_device.download(), 2e-5, "batched prefill");
+  }
+
   template <class Out>
   static void expect_close(const std::vector<float>& expected, const std::vector<Out>& actual, double tolerance,
                            const char* what) {
@@ -303,6 +322,19 @@ TEST(CudaBackend, BatchLargerThanOneLaunch) {
   std::uniform_int_distribution<int> length(1, 90);
   for (int i = 0; i < 70; ++i) twin.append(rng, twin.open(), length(rng));
   twin.expect_same_decode(rng, 0, twin.seqs);
+}
+
+// Chunked prefill of many sequences in one call: ragged chunks over ragged cached lengths, and
+// more sequences than one launch takes.
+TEST(CudaBackend, BatchedPrefillMatchesCpu) {
+  std::mt19937 rng(17);
+  Twin<Paged<16>, f16> twin({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64});
+  std::vector<int> counts;
+  for (int i = 0; i < 70; ++i) {
+    twin.append(rng, twin.open(), 1 + i % 23);
+    counts.push_back(i < 3 ? 1 + 20 * i : 1 + i % 3);
+  }
+  twin.expect_same_batched_prefill(rng, twin.seqs, counts);
 }
 
 // Shared prefix blocks are read through the device copy of the block tables; copy-on-write

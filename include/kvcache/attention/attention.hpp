@@ -106,28 +106,60 @@ void decode(const Cache& cache, int layer, SeqId seq, const QRange& q, ORange&& 
   decode(cache, layer, std::span<const SeqId>(&seq, 1), q, std::forward<ORange>(out), params, stream);
 }
 
+// Chunked prefill of several sequences in one call (continuous batching): seqs[i] has
+// queries[i] >= 1 new tokens, appended already, so they sit at its last queries[i] positions;
+// each is causal against the cache and itself.
+//   q, out: contiguous ranges of [queries[0] + queries[1] + ...][q_heads][head_dim], the
+//           sequences' rows one after another in the order of seqs
+// The CPU runs the sequences one after another (each over every thread); CUDA launches once
+// per 64 sequences.
+template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
+void prefill(const Cache& cache, int layer, std::span<const SeqId> seqs, std::span<const int> queries,
+             const QRange& q, ORange&& out, const AttentionParams& params = {},
+             [[maybe_unused]] typename Cache::stream_type stream = {}) {
+  if (seqs.size() != queries.size())
+    kvcache::detail::fail(errc::shape_mismatch, "prefill: ", seqs.size(), " sequences but ", queries.size(),
+                          " query counts; give one count per sequence");
+  using View = decltype(cache.view(layer, seqs[0]));
+  thread_local std::vector<View> views;  // grows to the largest batch, then never allocates
+  views.clear();
+  std::size_t all_queries = 0;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    views.push_back(cache.view(layer, seqs[i]));
+    detail::check_view(views.back(), queries[i], seqs[i], layer, "prefill");
+    all_queries += static_cast<std::size_t>(queries[i]);
+  }
+  detail::check_sizes(cache, all_queries, std::ranges::size(q), std::ranges::size(out), "prefill");
+  static_assert(!detail::no_kernels_for<Cache>,
+                "no attention kernels for this backend here (backend::cuda: compile this file with nvcc)");
+  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>) {
+    const std::size_t per_query = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
+    std::size_t offset = 0;
+    for (std::size_t i = 0; i < views.size(); ++i) {
+      cpu::prefill(views[i], cache.shape().q_heads, queries[i], std::ranges::data(q) + offset,
+                   std::ranges::data(out) + offset, params);
+      offset += static_cast<std::size_t>(queries[i]) * per_query;
+    }
+  }
+#if KVCACHE_CUDA_KERNELS
+  if constexpr (detail::runs_on_cuda<Cache>)
+    cuda::prefill(std::span<const View>(views), cache.shape().q_heads, queries, std::ranges::data(q),
+                  std::ranges::data(out), params, stream);
+#endif
+}
+
 // n query tokens of one sequence (a prompt or a chunk of one), causal against the cache and
 // themselves. Their K/V must already be appended, so they sit at the last n positions.
 //   q, out: contiguous ranges of [n][q_heads][head_dim]
 template <class Cache, std::ranges::contiguous_range QRange, std::ranges::contiguous_range ORange>
 void prefill(const Cache& cache, int layer, SeqId seq, const QRange& q, ORange&& out,
-             const AttentionParams& params = {}, [[maybe_unused]] typename Cache::stream_type stream = {}) {
+             const AttentionParams& params = {}, typename Cache::stream_type stream = {}) {
   const std::size_t per_query = static_cast<std::size_t>(cache.shape().q_heads) * cache.shape().head_dim;
   const std::size_t queries = std::ranges::size(q) / per_query;
   detail::check_sizes(cache, queries, std::ranges::size(q), std::ranges::size(out), "prefill");
-  const auto view = cache.view(layer, seq);
-  detail::check_view(view, static_cast<int>(queries), seq, layer, "prefill");
-  static_assert(!detail::no_kernels_for<Cache>,
-                "no attention kernels for this backend here (backend::cuda: compile this file with nvcc)");
-  if constexpr (std::same_as<typename Cache::backend_type, backend::cpu>) {
-    cpu::prefill(view, cache.shape().q_heads, static_cast<int>(queries), std::ranges::data(q),
-                 std::ranges::data(out), params);
-  }
-#if KVCACHE_CUDA_KERNELS
-  if constexpr (detail::runs_on_cuda<Cache>)
-    cuda::prefill(view, cache.shape().q_heads, static_cast<int>(queries), std::ranges::data(q),
-                  std::ranges::data(out), params, stream);
-#endif
+  const int count = static_cast<int>(queries);
+  prefill(cache, layer, std::span<const SeqId>(&seq, 1), std::span<const int>(&count, 1), q,
+          std::forward<ORange>(out), params, stream);
 }
 
 }  // namespace attention

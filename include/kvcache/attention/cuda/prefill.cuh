@@ -1,4 +1,5 @@
-// CUDA prefill: n query tokens of one sequence, causal against the cache and themselves.
+// CUDA prefill: new query tokens of one or more sequences (chunked prefill, continuous
+// batching), causal against the cache and themselves, in one launch per 64 sequences.
 //
 // A thread block takes up to 32 query rows (consecutive queries x the query heads of one
 // kv-head's group) and walks the keys they see in tiles of 32 rows staged in shared memory:
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <span>
 
 #include "../params.hpp"
 #include "common.cuh"
@@ -26,14 +28,20 @@ inline constexpr int prefill_rows = 32;  // query rows per thread block
 inline constexpr int key_tile = 32;      // key rows staged per step: one per lane
 
 struct PrefillArgs {
-  const float* q;        // [queries][q_heads][head_dim], scaled
+  const float* q;        // [all queries of the call][q_heads][head_dim], scaled
   int q_heads;
   int group;
   int heads;             // query heads per block
   int head_chunks;       // blocks per kv-head
-  int queries;           // all queries of the call, at positions [length - queries, length)
   int queries_per_block;
   float soft_cap;
+};
+
+// The queries of each view of a launch: view i's are at positions [length - queries[i], length)
+// and are rows [first_query[i], + queries[i]) of the call's q and out.
+struct PrefillQueries {
+  int queries[views_per_launch];
+  int first_query[views_per_launch];
 };
 
 // Shared memory of one block: q rows as fp32, then the K tile (rows padded by 4 bytes so that
@@ -51,8 +59,9 @@ struct PrefillTiles {
 };
 
 template <class Storage, int HeadDim, class O>
-__global__ void __launch_bounds__(block_threads) prefill_kernel(const SequenceView<Storage> view_parameter,
-                                                                const PrefillArgs args, O* out) {
+__global__ void __launch_bounds__(block_threads) prefill_kernel(const ViewBatch<Storage> batch,
+                                                                const PrefillQueries calls, const PrefillArgs args,
+                                                                O* out) {
   using Tiles = PrefillTiles<Storage, HeadDim>;
   constexpr int rows_per_warp = prefill_rows / block_warps;
   constexpr int per_lane = HeadDim / 32;  // output elements each lane accumulates
@@ -63,24 +72,27 @@ __global__ void __launch_bounds__(block_threads) prefill_kernel(const SequenceVi
   Storage* v_tile = reinterpret_cast<Storage*>(shared + Tiles::q_bytes + Tiles::k_bytes);
   float* k_scale_tile = reinterpret_cast<float*>(shared + Tiles::q_bytes + Tiles::k_bytes + Tiles::v_bytes);
   float* v_scale_tile = k_scale_tile + key_tile;
+  const int sequence = static_cast<int>(blockIdx.z);
+  const int all_queries = calls.queries[sequence];
+  const int first_query = static_cast<int>(blockIdx.x) * args.queries_per_block;
+  if (first_query >= all_queries) return;  // a sequence with fewer queries than the launch's most
   __shared__ __align__(16) unsigned char view_bytes[sizeof(SequenceView<Storage>)];
   auto& view = *reinterpret_cast<SequenceView<Storage>*>(view_bytes);
-  if (threadIdx.x == 0) view = view_parameter;
+  if (threadIdx.x == 0) view = batch.views[sequence];
 
   const int chunk = static_cast<int>(blockIdx.y) % args.head_chunks;
   const int kv_head = static_cast<int>(blockIdx.y) / args.head_chunks;
   const int first_head = kv_head * args.group + chunk * args.heads;
   const int heads = min(args.heads, args.group - chunk * args.heads);
-  const int first_query = static_cast<int>(blockIdx.x) * args.queries_per_block;
-  const int queries = min(args.queries_per_block, args.queries - first_query);
+  const int queries = min(args.queries_per_block, all_queries - first_query);
   const int rows = queries * heads;  // row r: query r / heads, head r % heads
+  const std::size_t first_row = static_cast<std::size_t>(calls.first_query[sequence]) + first_query;
   for (int i = static_cast<int>(threadIdx.x); i < rows * HeadDim; i += block_threads) {
     const int r = i / HeadDim, d = i % HeadDim;
-    q_tile[i] = args.q[(static_cast<std::size_t>(first_query + r / heads) * args.q_heads + first_head + r % heads) *
-                           HeadDim + d];
+    q_tile[i] = args.q[((first_row + r / heads) * args.q_heads + first_head + r % heads) * HeadDim + d];
   }
   __syncthreads();
-  const int first_position = view.length - args.queries + first_query;
+  const int first_position = view.length - all_queries + first_query;
   const int last_position = first_position + queries - 1;
 
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -164,7 +176,7 @@ __global__ void __launch_bounds__(block_threads) prefill_kernel(const SequenceVi
     const int r = warp + block_warps * j;
     if (r >= rows) break;
     const float inverse = 1.0f / running_sum[j];
-    O* target = out + (static_cast<std::size_t>(first_query + r / heads) * args.q_heads + first_head + r % heads) * HeadDim;
+    O* target = out + ((first_row + r / heads) * args.q_heads + first_head + r % heads) * HeadDim;
 #pragma unroll
     for (int e = 0; e < per_lane; ++e) target[lane + 32 * e] = from_float<O>(acc[j][e] * inverse);
   }
@@ -172,21 +184,27 @@ __global__ void __launch_bounds__(block_threads) prefill_kernel(const SequenceVi
 
 }  // namespace detail
 
-// Attention for the last `queries` positions of view, causal, on `stream`.
-//   q, out: device memory, [queries][q_heads][head_dim] of float, Eigen::half or Eigen::bfloat16
-// @pre as cpu::prefill; head_dim is 64, 128 or 256 (else Error{invalid_configuration}).
+// Attention for the last queries[i] positions of views[i], causal, on `stream`.
+//   q, out: device memory, [sum of queries][q_heads][head_dim] of float, Eigen::half or
+//           Eigen::bfloat16, the views' rows one after another
+// @pre as cpu::prefill for each view; head_dim is 64, 128 or 256 (else
+//      Error{invalid_configuration}); no Hadamard-rotated rows.
 template <class Storage, class Q, class O>
-void prefill(const SequenceView<Storage>& view, int q_heads, int queries, const Q* q, O* out,
-             const AttentionParams& params, cudaStream_t stream) {
+void prefill(std::span<const SequenceView<Storage>> views, int q_heads, std::span<const int> queries, const Q* q,
+             O* out, const AttentionParams& params, cudaStream_t stream) {
   using namespace detail;
-  const int group = q_heads / view.kv_heads;
+  if (views.empty()) return;
+  const int head_dim = views[0].head_dim, kv_heads = views[0].kv_heads;
+  const int group = q_heads / kv_heads;
   const int heads = std::min(group, prefill_rows);
   const int head_chunks = (group + heads - 1) / heads;
   const int queries_per_block = prefill_rows / heads;
-  const float scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(view.head_dim)));
-  dispatch_head_dim(view.head_dim, [&](auto head_dim_constant) {
+  const float scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
+  dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
     constexpr int HeadDim = decltype(head_dim_constant)::value;
-    const std::size_t elements = static_cast<std::size_t>(queries) * q_heads * HeadDim;
+    std::size_t all_queries = 0;
+    for (int n : queries) all_queries += static_cast<std::size_t>(n);
+    const std::size_t elements = all_queries * q_heads * HeadDim;
     float* q_scaled = workspace().floats(elements);
     launch_prepare_queries(q, scale, elements, q_scaled, stream);
     auto* kernel = prefill_kernel<Storage, HeadDim, O>;
@@ -195,11 +213,25 @@ void prefill(const SequenceView<Storage>& view, int q_heads, int queries, const 
       backend::cuda::check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(shared_bytes)),
                            "cudaFuncSetAttribute (prefill shared memory)");
-    const PrefillArgs args{q_scaled, q_heads, group, heads, head_chunks, queries, queries_per_block, params.soft_cap};
-    launch(kernel,
-           dim3(static_cast<unsigned>((queries + queries_per_block - 1) / queries_per_block),
-                static_cast<unsigned>(view.kv_heads * head_chunks)),
-           dim3(block_threads), shared_bytes, stream, "prefill kernel launch", view, args, out);
+    const PrefillArgs args{q_scaled, q_heads, group, heads, head_chunks, queries_per_block, params.soft_cap};
+    int first_query = 0;
+    for (std::size_t first = 0; first < views.size(); first += views_per_launch) {
+      const int count = static_cast<int>(std::min<std::size_t>(views_per_launch, views.size() - first));
+      ViewBatch<Storage> batch;
+      PrefillQueries calls;
+      int tiles = 1;
+      for (int i = 0; i < count; ++i) {
+        batch.views[i] = views[first + i];
+        calls.queries[i] = queries[first + i];
+        calls.first_query[i] = first_query;
+        first_query += calls.queries[i];
+        tiles = std::max(tiles, (calls.queries[i] + queries_per_block - 1) / queries_per_block);
+      }
+      launch(kernel,
+             dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(kv_heads * head_chunks),
+                  static_cast<unsigned>(count)),
+             dim3(block_threads), shared_bytes, stream, "prefill kernel launch", batch, calls, args, out);
+    }
   });
 }
 
