@@ -9,8 +9,9 @@
 // CUDA runtime calls the library makes are defined below (this file stands in for libcudart,
 // so include it in exactly one translation unit of a program).
 //
-// What it cannot find: data races between threads, bank conflicts, alignment faults,
-// anything about speed. compute-sanitizer on a GPU covers those.
+// Loads through __ldg fault when misaligned, as on the device. What it cannot find: data races
+// between threads, misaligned stores, bank conflicts, anything about speed; compute-sanitizer
+// and the benchmark on a GPU cover those.
 #pragma once
 
 #include <cuda_bf16.h>

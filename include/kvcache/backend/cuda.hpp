@@ -10,13 +10,15 @@
 // block-table uploads) are synchronous and run on the legacy default stream, so they are ordered
 // after the kernels of every blocking stream. Streams created with cudaStreamNonBlocking are not
 // ordered with them: synchronize such a stream before a call that changes the bookkeeping.
+//
+// A failed CUDA call throws Error{backend_error}. Most CUDA errors are sticky (the context is
+// lost), so unlike the other errors it does not promise an unchanged cache: treat it as fatal.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <new>
-
 #include <span>
 
 #include "../error.hpp"
