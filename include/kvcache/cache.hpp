@@ -679,18 +679,23 @@ class KVCache {
   }
 
   PageCopier copier() { return {this, &copy_rows}; }
+  // A whole page's kv-heads are one contiguous run, copied at once (a copy-on-write block: one
+  // device copy per layer and K/V rather than one per kv-head too).
   static void copy_rows(void* context, int from, int to, int rows) {
     auto& cache = *static_cast<KVCache*>(context);
     const std::size_t head_dim = static_cast<std::size_t>(cache.shape_.head_dim);
-    const std::size_t bytes = static_cast<std::size_t>(rows) * head_dim * sizeof(storage_type);
+    const bool whole_pages = rows == cache.layout_.page_tokens();
+    const int runs = whole_pages ? 1 : cache.shape_.kv_heads;
+    const std::size_t run_rows = static_cast<std::size_t>(rows) * (whole_pages ? cache.shape_.kv_heads : 1);
     for (int layer = 0; layer < cache.shape_.layers; ++layer)
       for (int kind = 0; kind < 2; ++kind)
-        for (int head = 0; head < cache.shape_.kv_heads; ++head) {
+        for (int head = 0; head < runs; ++head) {
           const std::size_t target = cache.row_offset(to, head, 0), source = cache.row_offset(from, head, 0);
-          B::copy(cache.pool(layer, kind) + target, cache.pool(layer, kind) + source, bytes);
+          B::copy(cache.pool(layer, kind) + target, cache.pool(layer, kind) + source,
+                  run_rows * head_dim * sizeof(storage_type));
           if constexpr (quantized)
-            B::copy(cache.scale_pool(layer, kind) + target / head_dim,
-                    cache.scale_pool(layer, kind) + source / head_dim, static_cast<std::size_t>(rows) * sizeof(float));
+            B::copy(cache.scale_pool(layer, kind) + target / head_dim, cache.scale_pool(layer, kind) + source / head_dim,
+                    run_rows * sizeof(float));
         }
   }
 
