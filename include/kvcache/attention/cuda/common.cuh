@@ -19,6 +19,7 @@
 #include "../../dtype/fp8.hpp"
 #include "../../dtype/int8.hpp"
 #include "../../view.hpp"
+#include "../params.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -188,17 +189,17 @@ inline Workspace& workspace() {
   return instance;
 }
 
-// The head dims the kernels are instantiated for; others throw.
+// attention::dispatch_head_dim for the CUDA kernels, which exist only for its fast sizes:
+// any other head_dim throws.
 template <class F>
 void dispatch_head_dim(int head_dim, F&& f) {
-  switch (head_dim) {
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    case 256: return f(std::integral_constant<int, 256>{});
-    default:
+  attention::dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
+    if constexpr (decltype(head_dim_constant)::value == 0)
       kvcache::detail::fail(errc::invalid_configuration, "head_dim = ", head_dim,
                             ": the CUDA attention kernels are built for head_dim 64, 128 and 256");
-  }
+    else
+      f(head_dim_constant);
+  });
 }
 
 }  // namespace attention::cuda::detail
