@@ -1,7 +1,8 @@
 // KVCache<Layout, DType, Backend>: the keys and values of every layer for a set of sequences.
 //
 //   Layout   how positions map to memory: Contiguous, Paged<BlockTokens>, SlidingWindow
-//   DType    how one element is stored: f32, f16, bf16; int8, fp8_e4m3, fp8_e5m2 (+ a scale per row)
+//   DType    how one element is stored: f32, f16, bf16; int8, fp8_e4m3, fp8_e5m2 (+ a scale per row);
+//            int4 (keys per channel, values per token, the newest tokens in full precision)
 //   Backend  where the bytes live: backend::cpu, or backend::cuda (backend/cuda.hpp: device
 //            memory, host bookkeeping; append and attention take device pointers and a stream)
 //
@@ -38,6 +39,7 @@
 #include "dtype/float.hpp"
 #include "dtype/fp8.hpp"
 #include "dtype/hadamard.hpp"
+#include "dtype/int4.hpp"
 #include "dtype/int8.hpp"
 #include "error.hpp"
 #include "prefix/block_hash.hpp"
@@ -63,6 +65,8 @@ class KVCache {
 
   static_assert(B::host_accessible || !is_hadamard_rotated<DType>,
                 "Hadamard-rotated types are CPU-only so far: the CUDA kernels do not rotate q");
+  static_assert(B::host_accessible || !GroupQuantizedElement<DType>,
+                "int4 is CPU-only so far: there are no CUDA kernels for it");
 
   // Allocates all storage. Throws Error{invalid_configuration} for a bad shape or policy.
   KVCache(const ModelShape& shape, const Layout& layout)
@@ -70,20 +74,21 @@ class KVCache {
         layout_(layout),
         book_(layout),
         retention_(layout.retention()),
-        pool_elements_(static_cast<std::size_t>(layout.page_count()) * shape.kv_heads *
-                       layout.page_tokens() * shape.head_dim),
-        scale_bytes_(quantized ? pool_elements_ / shape.head_dim * sizeof(float) * 2 * shape.layers : 0),
+        pool_rows_(static_cast<std::size_t>(layout.page_count()) * shape.kv_heads * layout.page_tokens()),
+        pool_elements_(pool_rows_ * shape.head_dim / elements_per_unit<storage_type>),
+        scale_bytes_((param_floats(0) + param_floats(1)) * sizeof(float) * shape.layers),
         bytes_capacity_(bytes_for_tokens<DType>(
             shape, static_cast<std::size_t>(layout.page_count()) * layout.page_tokens())),
         memory_(allocate(bytes_capacity_), Release{bytes_capacity_}),
         slots_(static_cast<std::size_t>(layout.sequence_slots())),
         layer_state_(static_cast<std::size_t>(layout.sequence_slots()) * shape.layers),
         device_tables_(make_device_tables(book_, layout.sequence_slots())) {
-    static_assert(sizeof(storage_type) * 8 == DType::bits, "one storage unit per element");
+    static_assert(sizeof(storage_type) * 8 == DType::bits * elements_per_unit<storage_type>, "whole elements per unit");
     KVCACHE_ASSERT(scale_bytes_ + 2 * shape.layers * pool_elements_ * sizeof(storage_type) == bytes_capacity_,
                    "the memory math and the layout agree");
     free_slots_.reserve(slots_.size());
     for (int slot = layout.sequence_slots() - 1; slot >= 0; --slot) free_slots_.push_back(slot);
+    if constexpr (grouped) residual_.resize(slots_.size() * residual_bytes_per_sequence<DType>(shape) / sizeof(float));
   }
 
   KVCache(const KVCache&) = delete;
@@ -215,9 +220,13 @@ class KVCache {
                    " positions, but only ", reserved, " are reserved; call reserve(seq, ", n,
                    ") first");
 
-    write_rows(layer, n, [&](int token) { return book_.locate(slot, state.length + token); }, k.data(), v.data(),
-               stream);
-    advance(state, n);
+    if constexpr (grouped) {
+      for (int token = 0; token < n; ++token) stage_token(layer, slot, k.data() + token * row, v.data() + token * row);
+    } else {
+      write_rows(layer, n, [&](int token) { return book_.locate(slot, state.length + token); }, k.data(), v.data(),
+                 stream);
+      advance(state, n);
+    }
   }
 
   // One new token for each sequence of a batch (a decode step) in layer `layer`: row i of k and
@@ -258,13 +267,17 @@ class KVCache {
                      " positions and has no more reserved; call reserve(seq, 1) first");
     }
     const int n = static_cast<int>(seqs.size());
-    write_rows(layer, n,
-               [&](int i) {
-                 const int slot = batch_slots_[static_cast<std::size_t>(i)];
-                 return book_.locate(slot, layer_state(slot, layer).length);
-               },
-               k.data(), v.data(), stream);
-    for (int i = 0; i < n; ++i) advance(layer_state(batch_slots_[static_cast<std::size_t>(i)], layer), 1);
+    if constexpr (grouped) {
+      for (int i = 0; i < n; ++i) stage_token(layer, batch_slots_[static_cast<std::size_t>(i)], k.data() + i * row, v.data() + i * row);
+    } else {
+      write_rows(layer, n,
+                 [&](int i) {
+                   const int slot = batch_slots_[static_cast<std::size_t>(i)];
+                   return book_.locate(slot, layer_state(slot, layer).length);
+                 },
+                 k.data(), v.data(), stream);
+      for (int i = 0; i < n; ++i) advance(layer_state(batch_slots_[static_cast<std::size_t>(i)], layer), 1);
+    }
   }
 
   // The pages (blocks) that reserve() can still hand out, evicting cached prefixes if needed.
@@ -295,6 +308,8 @@ class KVCache {
                        retention_.ring_tokens - retention_.window, " positions");
       }
     }
+    if constexpr (grouped)
+      for (int layer = 0; layer < shape_.layers; ++layer) unstage_group(layer, slot, length);
     book_.truncate(slot, length);
     for (int layer = 0; layer < shape_.layers; ++layer) {
       LayerState& state = layer_state(slot, layer);
@@ -327,6 +342,10 @@ class KVCache {
     sync_device_table(to);
     for (int layer = 0; layer < shape_.layers; ++layer)
       layer_state(to, layer) = layer_state(from, layer);
+    if constexpr (grouped)
+      for (int layer = 0; layer < shape_.layers; ++layer)
+        for (int kind = 0; kind < 2; ++kind)
+          std::copy_n(residual(from, layer, kind), residual_floats(), residual(to, layer, kind));
     slots_[static_cast<std::size_t>(from)].reserved = length;
     slots_[static_cast<std::size_t>(to)].reserved = length;
     audit_after_change();
@@ -346,7 +365,9 @@ class KVCache {
     view.window = retention_.window;
     view.sink_tokens = retention_.sink_tokens;
     view.first_held = retention_.ring_tokens > 0 ? std::max(state.first_held, retention_.sink_tokens) : 0;
-    book_.segments(slot, state.length, view.first_held, pool(layer, 0), pool(layer, 1), view);
+    // Group-quantized types: the positions of the last, incomplete group are in the residual rows.
+    const int stored = grouped ? state.length / group_tokens * group_tokens : state.length;
+    book_.segments(slot, stored, view.first_held, pool(layer, 0), pool(layer, 1), view);
     if constexpr (device_paged) view.block_ids = device_tables_.row(slot);
     view.hadamard = is_hadamard_rotated<DType>;
     if constexpr (quantized) {
@@ -357,6 +378,21 @@ class KVCache {
         segment.k_scale = view.k_scale_pool + (segment.k - pool(layer, 0)) / shape_.head_dim;
         segment.v_scale = view.v_scale_pool + (segment.v - pool(layer, 1)) / shape_.head_dim;
       }
+    }
+    if constexpr (grouped) {
+      view.group_tokens = group_tokens;
+      view.k_scale_pool = scale_pool(layer, 0);
+      view.v_scale_pool = scale_pool(layer, 1);
+      for (int i = 0; i < view.direct_count; ++i) {
+        Segment<storage_type>& segment = view.direct[i];
+        const std::size_t row = static_cast<std::size_t>(segment.k - pool(layer, 0)) / row_units();
+        const int page = static_cast<int>(row / layout_.page_tokens() / shape_.kv_heads);
+        const int page_row = static_cast<int>(row % layout_.page_tokens());
+        segment.k_scale = key_params(layer, page, 0, page_row);
+        segment.v_scale = value_params(layer, page, 0, page_row);
+      }
+      view.residual = {residual(slot, layer, 0), residual(slot, layer, 1),
+                       static_cast<std::size_t>(group_tokens) * shape_.head_dim, stored, state.length - stored};
     }
     return view;
   }
@@ -484,7 +520,7 @@ class KVCache {
     const std::size_t per_token = bytes_per_token<DType>(shape_);
     const std::span<const int> held = held_positions_by_slot();
     MemoryStats stats;
-    stats.bytes_capacity = bytes_capacity_;
+    stats.bytes_capacity = bytes_capacity_ + residual_.size() * sizeof(float);
     stats.bytes_reserved = static_cast<std::size_t>(book_.pages_in_use()) * layout_.page_tokens() * per_token;
     stats.bytes_used = book_.rows_holding_tokens(held) * per_token;
     return stats;
@@ -507,6 +543,18 @@ class KVCache {
     if (is_hadamard_rotated<DType> && (shape.head_dim & (shape.head_dim - 1)) != 0)
       detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a power of two for ",
                    DType::name, ": the Hadamard rotation needs one");
+    if constexpr (GroupQuantizedElement<DType>) {
+      const Retention retention = layout.retention();
+      if (shape.head_dim % 4 != 0)
+        detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a multiple of 4 for ",
+                     DType::name, ": two codes per byte, and whole bytes of group scales per token");
+      if (layout.page_tokens() % DType::group_tokens != 0 || retention.sink_tokens % DType::group_tokens != 0 ||
+          retention.ring_tokens % DType::group_tokens != 0)
+        detail::fail(errc::invalid_configuration, "a ", Layout::name, " page of ", layout.page_tokens(),
+                     " tokens (sinks ", retention.sink_tokens, ", ring ", retention.ring_tokens, ") does not hold whole ",
+                     DType::name, " groups of ", DType::group_tokens,
+                     " tokens; use multiples of it (Paged<32> or larger, max_tokens, sink_tokens and window + slack_tokens)");
+    }
     const long double elements = static_cast<long double>(shape.layers) * 2 * layout.page_count() *
                                  shape.kv_heads * layout.page_tokens() * shape.head_dim;
     if (elements * sizeof(storage_type) > static_cast<long double>(SIZE_MAX) / 2)
@@ -589,6 +637,11 @@ class KVCache {
   }
 
   static constexpr bool quantized = QuantizedElement<DType>;
+  static constexpr bool grouped = GroupQuantizedElement<DType>;
+  static constexpr int group_tokens = [] {
+    if constexpr (grouped) return DType::group_tokens;
+    else return 1;
+  }();
   // Kernels on a device backend read a device copy of paged block tables.
   static constexpr bool device_paged =
       !B::host_accessible && requires(const typename Layout::bookkeeping& book) { book.tables(); };
@@ -651,11 +704,30 @@ class KVCache {
     return reinterpret_cast<storage_type*>(memory_.get() + (scales_first ? scale_bytes_ : 0)) +
            (static_cast<std::size_t>(layer) * 2 + kind) * pool_elements_;
   }
-  // Quantized types: the scale of each row of pool(layer, kind), [page_count][kv_heads][page_tokens].
+  // Quantized types: the scale of each row of pool(layer, kind), [page_count][kv_heads][page_tokens];
+  // group-quantized types: the K or V parameters (key_params, value_params).
   float* scale_pool(int layer, int kind) const {
     return reinterpret_cast<float*>(memory_.get() + (scales_first ? 0 : bytes_capacity_ - scale_bytes_)) +
-           (static_cast<std::size_t>(layer) * 2 + kind) * (pool_elements_ / shape_.head_dim);
+           static_cast<std::size_t>(layer) * (param_floats(0) + param_floats(1)) + (kind == 1 ? param_floats(0) : 0);
   }
+  // Floats of scales one layer's K (kind 0) or V (1) keeps.
+  std::size_t param_floats(int kind) const {
+    if constexpr (grouped)  // K: [page][kv_head][page_tokens / group][2][head_dim]; V: [page][kv_head][page_tokens][2]
+      return kind == 0 ? pool_rows_ / group_tokens * 2 * shape_.head_dim : pool_rows_ * 2;
+    else
+      return quantized ? pool_rows_ : 0;
+  }
+  // Group-quantized types: the parameters of the K group holding `row` of a page's kv-head
+  // ([2][head_dim]: scales, minima), and of V row `row` ([2]: scale, minimum).
+  float* key_params(int layer, int page, int head, int row) const {
+    return scale_pool(layer, 0) +
+           ((static_cast<std::size_t>(page) * shape_.kv_heads + head) * (layout_.page_tokens() / group_tokens) +
+            row / group_tokens) * 2 * shape_.head_dim;
+  }
+  float* value_params(int layer, int page, int head, int row) const {
+    return scale_pool(layer, 1) + ((static_cast<std::size_t>(page) * shape_.kv_heads + head) * layout_.page_tokens() + row) * 2;
+  }
+  int row_units() const { return shape_.head_dim / elements_per_unit<storage_type>; }
 
   // Converts one row of head_dim input values into the pool at element offset `target`.
   template <class In>
@@ -673,9 +745,80 @@ class KVCache {
       for (int d = 0; d < shape_.head_dim; ++d) stored[d] = DType::from_float(to_float(row[d]));
     }
   }
+  // Storage-unit offset of a row in a pool.
   std::size_t row_offset(int page, int head, int row) const {
-    return ((static_cast<std::size_t>(page) * shape_.kv_heads + head) * layout_.page_tokens() + row) *
-           shape_.head_dim;
+    return ((static_cast<std::size_t>(page) * shape_.kv_heads + head) * layout_.page_tokens() + row) * row_units();
+  }
+
+  // ---- group-quantized types (int4): the residual rows ----
+
+  std::size_t residual_floats() const {
+    return static_cast<std::size_t>(shape_.kv_heads) * group_tokens * shape_.head_dim;
+  }
+  // The full-precision rows of (slot, layer) of K (kind 0) or V, [kv_heads][group_tokens][head_dim]:
+  // row r holds the position of the incomplete group with r = position % group_tokens.
+  float* residual(int slot, int layer, int kind) {
+    return residual_.data() + ((static_cast<std::size_t>(slot) * shape_.layers + layer) * 2 + kind) * residual_floats();
+  }
+  const float* residual(int slot, int layer, int kind) const {
+    return residual_.data() + ((static_cast<std::size_t>(slot) * shape_.layers + layer) * 2 + kind) * residual_floats();
+  }
+
+  // Appends one token, k and v [kv_heads][head_dim], to (slot, layer): into its residual rows,
+  // quantized into the pages with the rest of its group when it is the group's last.
+  template <class In>
+  void stage_token(int layer, int slot, const In* k, const In* v) {
+    LayerState& state = layer_state(slot, layer);
+    const int group_row = state.length % group_tokens;
+    for (int kind = 0; kind < 2; ++kind) {
+      const In* source = kind == 0 ? k : v;
+      float* rows = residual(slot, layer, kind);
+      for (int head = 0; head < shape_.kv_heads; ++head)
+        for (int d = 0; d < shape_.head_dim; ++d)
+          rows[(static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim + d] =
+              to_float(source[head * shape_.head_dim + d]);
+    }
+    if (group_row == group_tokens - 1) {
+      // The group's positions are consecutive rows of one page (the policy was checked for it).
+      const PageRow at = book_.locate(slot, state.length - group_row);
+      const std::size_t head_floats = static_cast<std::size_t>(group_tokens) * shape_.head_dim;
+      for (int head = 0; head < shape_.kv_heads; ++head) {
+        const float* k_rows = residual(slot, layer, 0) + head * head_floats;
+        const float* v_rows = residual(slot, layer, 1) + head * head_floats;
+        DType::quantize_keys(k_rows, shape_.head_dim, key_params(layer, at.page, head, at.row),
+                             pool(layer, 0) + row_offset(at.page, head, at.row));
+        for (int r = 0; r < group_tokens; ++r)
+          DType::quantize_values(v_rows + r * shape_.head_dim, shape_.head_dim, value_params(layer, at.page, head, at.row + r),
+                                 pool(layer, 1) + row_offset(at.page, head, at.row + r));
+      }
+    }
+    advance(state, 1);
+  }
+
+  // Before (slot, layer) is truncated to `length`: when its new last group is a quantized one,
+  // its positions before `length` go back to the residual rows, dequantized (a sliding window's
+  // positions that the ring has reused as zeros), to be quantized again when the group refills.
+  void unstage_group(int layer, int slot, int length) {
+    const LayerState& state = layer_state(slot, layer);
+    const int first = length / group_tokens * group_tokens;
+    if (state.length / group_tokens * group_tokens == first) return;  // that group is in the residual rows already
+    for (int position = first; position < length; ++position) {
+      const bool held = retention_.ring_tokens == 0 || position < retention_.sink_tokens || position >= state.first_held;
+      const PageRow at = book_.locate(slot, position);
+      const int group_row = position - first;
+      for (int head = 0; head < shape_.kv_heads; ++head) {
+        const storage_type* k_codes = pool(layer, 0) + row_offset(at.page, head, at.row);
+        const storage_type* v_codes = pool(layer, 1) + row_offset(at.page, head, at.row);
+        const float* k_params = key_params(layer, at.page, head, at.row);
+        const float* v_params = value_params(layer, at.page, head, at.row);
+        float* k_row = residual(slot, layer, 0) + (static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim;
+        float* v_row = residual(slot, layer, 1) + (static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim;
+        for (int d = 0; d < shape_.head_dim; ++d) {
+          k_row[d] = held ? k_params[shape_.head_dim + d] + int4_code_at(k_codes, d) * k_params[d] : 0.0f;
+          v_row[d] = held ? v_params[1] + int4_code_at(v_codes, d) * v_params[0] : 0.0f;
+        }
+      }
+    }
   }
 
   PageCopier copier() { return {this, &copy_rows}; }
@@ -692,10 +835,19 @@ class KVCache {
         for (int head = 0; head < runs; ++head) {
           const std::size_t target = cache.row_offset(to, head, 0), source = cache.row_offset(from, head, 0);
           B::copy(cache.pool(layer, kind) + target, cache.pool(layer, kind) + source,
-                  run_rows * head_dim * sizeof(storage_type));
+                  run_rows * cache.row_units() * sizeof(storage_type));
           if constexpr (quantized)
             B::copy(cache.scale_pool(layer, kind) + target / head_dim, cache.scale_pool(layer, kind) + source / head_dim,
                     run_rows * sizeof(float));
+          if constexpr (grouped) {
+            const std::size_t groups = whole_pages ? run_rows / group_tokens : (rows + group_tokens - 1) / group_tokens;
+            if (kind == 0)
+              B::copy(cache.key_params(layer, to, head, 0), cache.key_params(layer, from, head, 0),
+                      groups * 2 * head_dim * sizeof(float));
+            else
+              B::copy(cache.value_params(layer, to, head, 0), cache.value_params(layer, from, head, 0),
+                      run_rows * 2 * sizeof(float));
+          }
         }
   }
 
@@ -703,8 +855,10 @@ class KVCache {
   Layout layout_;
   typename Layout::bookkeeping book_;
   Retention retention_;
-  std::size_t pool_elements_;  // elements of one layer's K (or V) pool
-  std::size_t scale_bytes_;    // quantized types: [layers][K, V][page_count][kv_heads][page_tokens] floats
+  std::size_t pool_rows_;      // rows of one layer's K (or V) pool: page_count * kv_heads * page_tokens
+  std::size_t pool_elements_;  // storage units of one layer's K (or V) pool
+  std::size_t scale_bytes_;    // quantized types: [layers][K, V][page_count][kv_heads][page_tokens] floats;
+                               // group-quantized: [layers] of K then V parameters
   std::size_t bytes_capacity_;
   struct Release {
     std::size_t bytes;
@@ -720,6 +874,7 @@ class KVCache {
   DeviceBlockTables<B> device_tables_;  // device backends with paged storage: what kernels read
   std::vector<int> batch_slots_ = std::vector<int>(slots_.size());    // [max_sequences] a batch append's slots
   std::vector<char> batch_marks_ = std::vector<char>(slots_.size());  // [max_sequences] duplicates check
+  std::vector<float> residual_;  // group-quantized types: [max_sequences][layers][K, V] residual rows
 };
 
 KVCACHE_END_NAMESPACE

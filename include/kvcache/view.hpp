@@ -7,7 +7,10 @@
 // attention does not depend on key order, so kernels visit segments in memory order and use the
 // positions only for the causal and window masks. Quantized element types add one float scale
 // per row, [kv_head][token] beside the elements (kv-head stride head_stride / head_dim); float
-// types have none (null scale pointers).
+// types have none (null scale pointers). Group-quantized types (int4) pack two elements per
+// storage unit (rows are row_units() units apart), keep K parameters per group of
+// group_tokens rows and V parameters per row (dtype/int4.hpp gives both layouts, a kv-head's
+// after another's), and hold the newest positions in a full-precision residual segment.
 #pragma once
 
 #include <cstddef>
@@ -15,6 +18,7 @@
 #include <type_traits>
 
 #include "config.hpp"
+#include "dtype/concept.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -27,6 +31,8 @@ struct Segment {
   int count = 0;                  // rows, consecutive positions
   const float* k_scale = nullptr;  // [kv_heads][count] per-row scales of k; null: none
   const float* v_scale = nullptr;  // same layout, of v
+  // (group-quantized types: k_scale points at the parameters of the group holding row 0,
+  // v_scale at those of row 0.)
 };
 
 template <class Storage>
@@ -54,6 +60,13 @@ struct SequenceView {
   int sink_tokens = 0;
   int first_held = 0;    // positions in [sink_tokens, first_held) are no longer stored
   bool hadamard = false;  // rows are stored rotated by the Hadamard matrix (dtype/hadamard.hpp)
+  // Group-quantized types: rows per K parameter group, and positions [length - residual.count,
+  // length) in full precision, [kv_heads][group_tokens][head_dim] (not in the segments above).
+  int group_tokens = 0;
+  Segment<float> residual = {};
+
+  // Storage units from one row to the next.
+  KVCACHE_HOST_DEVICE int row_units() const { return head_dim / elements_per_unit<Storage>; }
 
   KVCACHE_HOST_DEVICE int segment_count() const { return direct_count + block_count; }
 
@@ -61,15 +74,20 @@ struct SequenceView {
   KVCACHE_HOST_DEVICE Segment<Storage> segment(int i) const {
     if (i < direct_count) return direct[i];
     const int block = i - direct_count;
-    const std::size_t head_stride = static_cast<std::size_t>(block_tokens) * head_dim;
-    const std::size_t offset =
-        static_cast<std::size_t>(block_ids[block]) * kv_heads * head_stride;
+    const std::size_t head_stride = static_cast<std::size_t>(block_tokens) * row_units();
+    const std::size_t page = static_cast<std::size_t>(block_ids[block]) * kv_heads;  // its kv-head 0
+    const std::size_t offset = page * head_stride;
     const int first = block * block_tokens;
-    const int count = length - first < block_tokens ? length - first : block_tokens;
-    const std::size_t scale_offset = offset / static_cast<std::size_t>(head_dim);
+    const int stored = length - residual.count;
+    const int count = stored - first < block_tokens ? stored - first : block_tokens;
+    std::size_t k_params = page * block_tokens, v_params = page * block_tokens;  // a scale per row
+    if (group_tokens > 0) {
+      k_params = page * (block_tokens / group_tokens) * 2 * head_dim;
+      v_params = page * block_tokens * 2;
+    }
     return {k_pool + offset, v_pool + offset, head_stride, first, count,
-            k_scale_pool == nullptr ? nullptr : k_scale_pool + scale_offset,
-            v_scale_pool == nullptr ? nullptr : v_scale_pool + scale_offset};
+            k_scale_pool == nullptr ? nullptr : k_scale_pool + k_params,
+            v_scale_pool == nullptr ? nullptr : v_scale_pool + v_params};
   }
 
   // The first non-sink position that a query at `query` sees.

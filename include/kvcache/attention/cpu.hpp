@@ -37,6 +37,7 @@
 #include "../dtype/float.hpp"
 #include "../dtype/fp8.hpp"
 #include "../dtype/hadamard.hpp"
+#include "../dtype/int4.hpp"
 #include "../dtype/int8.hpp"
 #include "../shape.hpp"
 #include "../view.hpp"
@@ -57,6 +58,10 @@ inline constexpr int tile_rows = 32;      // key rows scored before one softmax 
 inline constexpr std::size_t inline_elements = std::size_t{1} << 16;  // K elements below which a call stays on one thread
 inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges of at least this many keys
 
+// Storage whose K rows are quantized per channel over groups of tokens (int4).
+template <class Storage>
+concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
+
 // Calls f with std::integral_constant<int, heads> for heads in [1, 4].
 template <class F>
 void dispatch_heads(int heads, F&& f) {
@@ -75,7 +80,7 @@ template <int HeadDim, class Storage>
 inline void prefetch_row(const Storage* row) {
 #if defined(__SSE__)
   if (row == nullptr) return;
-  for (std::size_t at = 0; at < HeadDim * sizeof(Storage); at += 64)
+  for (std::size_t at = 0; at < HeadDim * sizeof(Storage) / elements_per_unit<Storage>; at += 64)
     _mm_prefetch(reinterpret_cast<const char*>(row) + at, _MM_HINT_T0);
 #else
   (void)row;
@@ -122,14 +127,14 @@ template <int HeadDim, class Storage>
 void score_rows(const Storage* k, int rows, const float* q, int heads, float (*scores)[tile_rows],
                 const Storage* prefetch) {
   {
-    constexpr int width = simd::width, vectors = HeadDim / width;
+    constexpr int width = simd::width, vectors = HeadDim / width, units = elements_per_unit<Storage>;
     alignas(64) float block[width * HeadDim];  // [width rows][HeadDim] as fp32
     for (int first = 0; first < rows; first += width) {
       const int count = std::min(width, rows - first);
       for (int r = 0; r < count; ++r) {
-        prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim);
+        prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim / units);
         for (int j = 0; j < vectors; ++j)
-          simd::store(block + r * HeadDim + j * width, simd::load(k + (first + r) * HeadDim + j * width));
+          simd::store(block + r * HeadDim + j * width, simd::load(k + ((first + r) * HeadDim + j * width) / units));
       }
       for (int h = 0; h < heads; ++h) {
         simd::floats query[vectors];
@@ -160,16 +165,16 @@ void score_rows(const Storage* k, int rows, const float* q, int heads, float (*s
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, const Storage* prefetch) {
   {
-    constexpr int vectors = HeadDim / simd::width;
+    constexpr int vectors = HeadDim / simd::width, units = elements_per_unit<Storage>;
     constexpr int step = simd::width == 16 ? 4 : 2;  // registers per head per pass: 4 x 4 + 4 of 32
     for (int j = 0; j < vectors; j += step) {
       simd::floats sums[Heads][step];
       for (int h = 0; h < Heads; ++h)
         for (int i = 0; i < step; ++i) sums[h][i] = simd::load(acc + h * HeadDim + (j + i) * simd::width);
       for (int r = 0; r < rows; ++r) {
-        if (j == 0) prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + r * HeadDim);
+        if (j == 0) prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + r * HeadDim / units);
         simd::floats value[step];
-        for (int i = 0; i < step; ++i) value[i] = simd::load(v + r * HeadDim + (j + i) * simd::width);
+        for (int i = 0; i < step; ++i) value[i] = simd::load(v + (r * HeadDim + (j + i) * simd::width) / units);
         for (int h = 0; h < Heads; ++h) {
           const simd::floats weight = simd::broadcast(p[h][r]);
           for (int i = 0; i < step; ++i) sums[h][i] = simd::fma(weight, value[i], sums[h][i]);
@@ -197,6 +202,47 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 template <class Storage>
 inline void load_row(const Storage* stored, int head_dim, float* row) {
   for (int d = 0; d < head_dim; ++d) row[d] = to_float(stored[d]);
+}
+inline void load_row(const int4x2* stored, int head_dim, float* row) {
+  for (int d = 0; d < head_dim; ++d) row[d] = int4_code_at(stored, d);
+}
+
+// Group-quantized keys (int4): a key is minimum + code * scale per channel, so
+// q . k = (q * scale) . code + q . minimum. Fills q_group [heads][head_dim] with q * scale and
+// bias [heads] with q . minimum for the group whose parameters ([2][head_dim]) are given.
+inline void scale_queries(const float* q, int heads, int head_dim, const float* params, float* q_group, float* bias) {
+  for (int h = 0; h < heads; ++h) {
+    const float* query = q + static_cast<std::size_t>(h) * head_dim;
+    float* scaled = q_group + static_cast<std::size_t>(h) * head_dim;
+    float dot = 0.0f;
+    for (int d = 0; d < head_dim; ++d) {
+      scaled[d] = query[d] * params[d];
+      dot += query[d] * params[head_dim + d];
+    }
+    bias[h] = dot;
+  }
+}
+
+// Group-quantized values: a value row is minimum + code * scale, so weight * row adds
+// (weight * scale) * code to acc and weight * minimum to each of its elements. Turns the tile's
+// weights into weight * scale and returns in minimum_weight [heads] the sum of weight * minimum.
+//   params: [rows][2] (scale, minimum)
+inline void scale_weights(float (*weights)[tile_rows], int heads, int rows, const float* params, float* minimum_weight) {
+  for (int h = 0; h < heads; ++h) {
+    float sum = 0.0f;
+    for (int r = 0; r < rows; ++r) {
+      sum += weights[h][r] * params[2 * r + 1];
+      weights[h][r] *= params[2 * r];
+    }
+    minimum_weight[h] = sum;
+  }
+}
+
+// Per-thread room for the group-scaled queries of a pass ([heads][head_dim]); only grows.
+inline float* group_query_scratch(std::size_t floats) {
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < floats) scratch.resize(floats);
+  return scratch.data();
 }
 
 // scores[h][r] *= scale[r] for every head of a tile.
@@ -227,38 +273,60 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   alignas(64) float scores[heads_per_pass][tile_rows];  // [heads][rows] of the current tile
 
   std::pair<const Storage*, const Storage*> following{nullptr, nullptr};  // next segment's rows
-  auto run_rows = [&](const Segment<Storage>& segment, int begin, int end) {
+  float* q_group = nullptr;  // group-quantized keys: q * the group's channel scales
+  alignas(64) float bias[heads_per_pass];
+  // Segments of the cache's storage, or the full-precision residual rows of group-quantized
+  // types (S = float).
+  auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
+    constexpr bool group_quantized = GroupQuantizedStorage<S>;
+    const int units = head_dim / elements_per_unit<S>;  // storage units per row
+    const int groups_per_page = group_quantized ? static_cast<int>(segment.head_stride) / units / view.group_tokens : 0;
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;
-    for (int tile = begin; tile < end; tile += tile_rows) {
-      const int rows = std::min(tile_rows, end - tile);
-      const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * head_dim;
-      const Storage* k = segment.k + head_offset + first_row;  // [rows][head_dim]
-      const Storage* v = segment.v + head_offset + first_row;  // [rows][head_dim]
+    for (int tile = begin, rows = 0; tile < end; tile += rows) {
+      rows = std::min(tile_rows, end - tile);
+      if constexpr (group_quantized)  // one K group per tile
+        rows = std::min(rows, (tile / view.group_tokens + 1) * view.group_tokens - tile);
+      const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * units;
+      const S* k = segment.k + head_offset + first_row;  // [rows][head_dim]
+      const S* v = segment.v + head_offset + first_row;  // [rows][head_dim]
       // Rows read next: later in this segment (by this range, or by the task of the next token
       // range, which is likely this thread's next), or the start of the next segment.
       const bool last_tile = tile + rows >= segment.first_position + segment.count;
-      const Storage* next_k = last_tile ? following.first : k + rows * head_dim;
-      const Storage* next_v = last_tile ? following.second : v + rows * head_dim;
+      const S* next_k = k + rows * units;
+      const S* next_v = v + rows * units;
+      if (last_tile) {
+        next_k = next_v = nullptr;
+        if constexpr (std::same_as<S, Storage>) next_k = following.first, next_v = following.second;
+      }
+      const float* q_tile = q;
+      if constexpr (group_quantized) {
+        const int group = tile / view.group_tokens - segment.first_position / view.group_tokens;
+        const float* params = segment.k_scale + (static_cast<std::size_t>(kv_head) * groups_per_page + group) * 2 * head_dim;
+        if (q_group == nullptr) q_group = group_query_scratch(static_cast<std::size_t>(heads_per_pass) * head_dim);
+        scale_queries(q, heads, head_dim, params, q_group, bias);
+        q_tile = q_group;
+      }
       if constexpr (use_simd<HeadDim>) {
-        score_rows<HeadDim>(k, rows, q, heads, scores, next_k);
+        score_rows<HeadDim>(k, rows, q_tile, heads, scores, next_k);
       } else {
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
-          load_row(k + static_cast<std::size_t>(r) * head_dim, head_dim, row_data);
+          load_row(k + static_cast<std::size_t>(r) * units, head_dim, row_data);
           for (int h = 0; h < heads; ++h)
-            scores[h][r] = Eigen::Map<const Row>(q + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
+            scores[h][r] = Eigen::Map<const Row>(q_tile + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
         }
       }
       // Quantized rows: the scale of a K row multiplies its scores, that of a V row its weights.
-      const float* k_scale = nullptr;
       const float* v_scale = nullptr;
-      if (segment.k_scale != nullptr) {
+      if constexpr (group_quantized) {
+        for (int h = 0; h < heads; ++h)
+          for (int r = 0; r < rows; ++r) scores[h][r] += bias[h];
+      } else if (segment.k_scale != nullptr) {
         const std::size_t scale_offset = static_cast<std::size_t>(kv_head) * (segment.head_stride / head_dim) +
                                          static_cast<std::size_t>(tile - segment.first_position);
-        k_scale = segment.k_scale + scale_offset;
         v_scale = segment.v_scale + scale_offset;
-        scale_scores(scores, heads, rows, k_scale);
+        scale_scores(scores, heads, rows, segment.k_scale + scale_offset);
       }
       for (int h = 0; h < heads; ++h) {
         if (soft_cap > 0.0f) {
@@ -276,7 +344,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
           softmax[h].sum += s.sum();
         }
       }
-      if (v_scale != nullptr) scale_scores(scores, heads, rows, v_scale);
+      alignas(64) float minimum_weight[heads_per_pass];
+      if constexpr (group_quantized) {
+        const float* params = segment.v_scale + (static_cast<std::size_t>(kv_head) * groups_per_page * view.group_tokens +
+                                                 static_cast<std::size_t>(tile - segment.first_position)) * 2;
+        scale_weights(scores, heads, rows, params, minimum_weight);
+      } else if (v_scale != nullptr) {
+        scale_scores(scores, heads, rows, v_scale);
+      }
       if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads; first += 4)  // V tile stays in L1 across the chunks
           dispatch_heads(std::min(4, heads - first), [&](auto chunk) {
@@ -288,11 +363,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
-          load_row(v + static_cast<std::size_t>(r) * head_dim, head_dim, row_data);
+          load_row(v + static_cast<std::size_t>(r) * units, head_dim, row_data);
           for (int h = 0; h < heads; ++h)
             Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) += scores[h][r] * row;
         }
       }
+      if constexpr (group_quantized)
+        for (int h = 0; h < heads; ++h)
+          Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim).array() += minimum_weight[h];
     }
   };
 
@@ -328,6 +406,11 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
     };
     visit_blocks(lo, sinks_end);
     visit_blocks(recent_begin, recent_end);
+  }
+  if (view.residual.count > 0) {  // the newest positions, after every stored one
+    const int first = view.residual.first_position, last = first + view.residual.count;
+    run_rows(view.residual, std::max(first, lo), std::min(last, sinks_end));
+    run_rows(view.residual, std::max(first, recent_begin), std::min(last, recent_end));
   }
 }
 

@@ -1,9 +1,11 @@
 // The few SIMD operations the CPU kernels need, for AVX-512 and AVX2 (+FMA, F16C), with
-// f16, bf16, int8 and fp8 converted to fp32 in registers as they are loaded. Without either instruction
+// f16, bf16, int8, fp8 and int4 codes converted to fp32 in registers as they are loaded. Without either instruction
 // set `simd::width` is 0 and the kernels take their portable Eigen path.
 #pragma once
 
 #include <Eigen/Core>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
@@ -11,6 +13,7 @@
 
 #include "../config.hpp"
 #include "../dtype/fp8.hpp"
+#include "../dtype/int4.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -44,6 +47,14 @@ inline floats load(const fp8_e4m3_code* p) {
   const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8);
   const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7F)), 7);
   return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, magnitude)), _mm512_set1_ps(256.0f));
+}
+// Bytes b0 b1 ... as 16-bit lanes -> bytes (b0 & 15) (b0 >> 4) (b1 & 15) ...: the int4 codes in order.
+inline __m128i unpack_nibbles(__m128i byte_lanes) {
+  return _mm_and_si128(_mm_or_si128(byte_lanes, _mm_slli_epi16(byte_lanes, 4)), _mm_set1_epi16(0x0F0F));
+}
+inline floats load(const int4x2* p) {  // 16 codes from 8 bytes
+  const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(unpack_nibbles(bytes)));
 }
 inline void store(float* p, floats v) { _mm512_storeu_ps(p, v); }
 inline floats zero() { return _mm512_setzero_ps(); }
@@ -107,6 +118,16 @@ inline floats load(const fp8_e4m3_code* p) {
   const __m128i sign = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x80)), 8);
   const __m128i magnitude = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x7F)), 7);
   return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, magnitude)), _mm256_set1_ps(256.0f));
+}
+// Bytes b0 b1 ... as 16-bit lanes -> bytes (b0 & 15) (b0 >> 4) (b1 & 15) ...: the int4 codes in order.
+inline __m128i unpack_nibbles(__m128i byte_lanes) {
+  return _mm_and_si128(_mm_or_si128(byte_lanes, _mm_slli_epi16(byte_lanes, 4)), _mm_set1_epi16(0x0F0F));
+}
+inline floats load(const int4x2* p) {  // 8 codes from 4 bytes
+  std::int32_t word;
+  std::memcpy(&word, p, sizeof word);
+  const __m128i bytes = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(word));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(unpack_nibbles(bytes)));
 }
 inline void store(float* p, floats v) { _mm256_storeu_ps(p, v); }
 inline floats zero() { return _mm256_setzero_ps(); }

@@ -46,8 +46,17 @@ concept QuantizedElement = ElementType<T> && (T::scale_bits == 32) &&
       { T::decode(code) } -> std::same_as<float>;
     };
 
+// An element type quantized in groups that span tokens (int4: keys per channel over
+// group_tokens tokens, values per row, dtype/int4.hpp). The cache keeps a sequence's newest
+// tokens in full precision until their group is whole; token_bytes(head_dim) is what one token
+// of one kv-head takes, K and V, scales included.
 template <class T>
-concept CacheElement = FloatElement<T> || QuantizedElement<T>;
+concept GroupQuantizedElement = ElementType<T> && (T::group_tokens > 0) && requires(std::size_t head_dim) {
+  { T::token_bytes(head_dim) } -> std::same_as<std::size_t>;
+};
+
+template <class T>
+concept CacheElement = FloatElement<T> || QuantizedElement<T> || GroupQuantizedElement<T>;
 
 namespace detail {
 
@@ -74,5 +83,19 @@ template <ElementType T>
 constexpr std::size_t row_bytes(std::size_t elements) noexcept {
   return elements * T::bits / 8 + T::scale_bits / 8;
 }
+
+// Bytes that one token's K and V rows take in one kv-head, scales included.
+template <ElementType T>
+constexpr std::size_t token_bytes(std::size_t head_dim) noexcept {
+  if constexpr (requires { T::token_bytes(head_dim); }) return T::token_bytes(head_dim);
+  else return 2 * row_bytes<T>(head_dim);
+}
+
+// Elements one storage unit holds: 2 for packed int4 (int4x2), else 1.
+template <class Storage>
+inline constexpr int elements_per_unit = [] {
+  if constexpr (requires { Storage::elements; }) return int{Storage::elements};
+  else return 1;
+}();
 
 KVCACHE_END_NAMESPACE

@@ -24,6 +24,7 @@
 #include <span>
 
 #include "../config.hpp"
+#include "concept.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -48,6 +49,15 @@ namespace detail {
 // inf is clamped too, which for quantizing is the same as saturating.
 inline float int4_input(float x) noexcept {
   return std::isnan(x) ? 0.0f : std::clamp(x, -int4_value_limit, int4_value_limit);
+}
+
+// round((x - minimum) / scale), ties to even, clamped to [0, 15]. @pre params.scale > 0.
+inline std::uint8_t int4_code(float x, Int4Params params) noexcept {
+  // x - minimum cannot be NaN: x is finite and minimum finite; it may overflow to +-inf
+  // only for a minimum beyond the value limit, and then the clamp saturates it correctly.
+  const float steps = std::clamp((int4_input(x) - params.minimum) / params.scale, 0.0f,
+                                 static_cast<float>(int4_max_code));
+  return static_cast<std::uint8_t>(std::nearbyint(steps));
 }
 
 }  // namespace detail
@@ -88,15 +98,8 @@ inline void quantize_int4_group(std::span<const float> group, Int4Params params,
   std::fill(packed.begin(), packed.end(), std::uint8_t{0});
   if (params.scale == 0.0f) return;  // would divide by zero; code 0 is minimum, the best there is
 
-  constexpr auto max_code = static_cast<float>(int4_max_code);
-  for (std::size_t i = 0; i < group.size(); ++i) {
-    // x - minimum cannot be NaN: x is finite and minimum finite; it may overflow to +-inf
-    // only for a minimum beyond the value limit, and then the clamp saturates it correctly.
-    const float steps =
-        std::clamp((detail::int4_input(group[i]) - params.minimum) / params.scale, 0.0f, max_code);
-    const auto code = static_cast<std::uint8_t>(std::nearbyint(steps));
-    packed[i / 2] = static_cast<std::uint8_t>(packed[i / 2] | code << (4 * (i % 2)));
-  }
+  for (std::size_t i = 0; i < group.size(); ++i)
+    packed[i / 2] = static_cast<std::uint8_t>(packed[i / 2] | detail::int4_code(group[i], params) << (4 * (i % 2)));
 }
 
 // out[i] = minimum + code_i * scale, where code_i is nibble i of `packed` (low nibble first).
@@ -110,5 +113,93 @@ inline void dequantize_int4_group(std::span<const std::uint8_t> packed, Int4Para
     out[i] = params.minimum + static_cast<float>(code) * params.scale;
   }
 }
+
+// ---- the int4 cache element ----
+//
+// Keys and values are quantized along different axes, because their outliers lie along
+// different axes (KIVI): a few key channels are large for every token, so keys are quantized per
+// channel, each channel over a group of int4_group_tokens consecutive tokens; value outliers
+// come token by token, so values are quantized per token, one group per row. A group of keys
+// can be quantized only once its last token is known, so the cache keeps the newest tokens of
+// each sequence in full precision (the residual window: the positions after the last whole
+// group, fewer than int4_group_tokens) and quantizes a group when it fills.
+//
+// Per kv-head of a page the cache stores codes [page_tokens][head_dim / 2] for K and for V,
+// K parameters [page_tokens / group][2][head_dim] (a group's channel scales, then its channel
+// minima) and V parameters [page_tokens][2] (scale, minimum). With head_dim 128 a token takes
+// 168 bytes per kv-head (f16: 512); the residual window takes the same f32 rows in every
+// sequence whatever its length.
+
+// Two int4 codes, element 2i in the low nibble of byte i.
+struct int4x2 {
+  static constexpr int elements = 2;
+  std::uint8_t bits;
+};
+
+inline constexpr int int4_group_tokens = 32;
+
+// Code d of a packed row, as a float.
+inline float int4_code_at(const int4x2* codes, int d) noexcept {
+  return static_cast<float>((codes[d / 2].bits >> (4 * (d % 2))) & 0xF);
+}
+
+namespace detail {
+inline void set_int4_code(int4x2* codes, int d, std::uint8_t code) noexcept {
+  codes[d / 2].bits = static_cast<std::uint8_t>(codes[d / 2].bits | code << (4 * (d % 2)));
+}
+inline std::uint8_t int4_code_or_zero(float x, Int4Params params) noexcept {
+  return params.scale == 0.0f ? std::uint8_t{0} : int4_code(x, params);
+}
+}  // namespace detail
+
+// Quantizes a whole group of key rows, rows [int4_group_tokens][head_dim], channel by channel:
+// params [2][head_dim] get each channel's scale and minimum (int4_group_params over the
+// channel's group_tokens values), codes [int4_group_tokens][head_dim / 2] the codes. Each element
+// is within its channel's scale / 2 of its dequantized value (the bound at the top).
+inline void quantize_int4_keys(const float* rows, int head_dim, float* params, int4x2* codes) noexcept {
+  constexpr int group = int4_group_tokens;
+  const std::size_t row_units = static_cast<std::size_t>(head_dim) / 2;
+  for (std::size_t unit = 0; unit < group * row_units; ++unit) codes[unit].bits = 0;
+  for (int d = 0; d < head_dim; ++d) {
+    float channel[group];
+    for (int r = 0; r < group; ++r) channel[r] = rows[static_cast<std::size_t>(r) * head_dim + d];
+    const Int4Params p = int4_group_params(channel);
+    params[d] = p.scale;
+    params[head_dim + d] = p.minimum;
+    for (int r = 0; r < group; ++r) detail::set_int4_code(codes + r * row_units, d, detail::int4_code_or_zero(channel[r], p));
+  }
+}
+
+// Quantizes one value row of head_dim elements as one group: params [2] = scale, minimum;
+// codes [head_dim / 2].
+inline void quantize_int4_values(const float* row, int head_dim, float* params, int4x2* codes) noexcept {
+  const Int4Params p = int4_group_params({row, static_cast<std::size_t>(head_dim)});
+  params[0] = p.scale;
+  params[1] = p.minimum;
+  for (int unit = 0; unit < head_dim / 2; ++unit) codes[unit].bits = 0;
+  for (int d = 0; d < head_dim; ++d) detail::set_int4_code(codes, d, detail::int4_code_or_zero(row[d], p));
+}
+
+// The int4 cache element: keys per channel over groups of int4_group_tokens tokens, values per
+// token, asymmetric 4-bit codes (the layout above).
+struct int4 {
+  using storage_type = int4x2;
+  static constexpr const char* name = "int4";
+  static constexpr int bits = 4;
+  static constexpr int scale_bits = 0;  // no per-row scale of one layout: see token_bytes
+  static constexpr int group_tokens = int4_group_tokens;
+
+  // K and V bytes of one token in one kv-head: codes, the V row's scale and minimum, and its
+  // share of the K group's channel scales and minima. @pre head_dim % 4 == 0 (whole bytes).
+  static constexpr std::size_t token_bytes(std::size_t head_dim) noexcept {
+    return head_dim + 2 * sizeof(float) + 2 * sizeof(float) * head_dim / group_tokens;
+  }
+  static void quantize_keys(const float* rows, int head_dim, float* params, int4x2* codes) noexcept {
+    quantize_int4_keys(rows, head_dim, params, codes);
+  }
+  static void quantize_values(const float* row, int head_dim, float* params, int4x2* codes) noexcept {
+    quantize_int4_values(row, head_dim, params, codes);
+  }
+};
 
 KVCACHE_END_NAMESPACE

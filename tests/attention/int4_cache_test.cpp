@@ -1,0 +1,367 @@
+// int4 caches (keys per channel over groups of 32 tokens, values per token, the newest tokens in
+// full precision): the memory math, what the cache stores (checked against a reference
+// quantization of the model's rows, through the views), attention against the fp64 oracle on
+// those values, and random operation sequences (append, truncate, fork, release) against a
+// plain model, on every storage policy.
+#include <kvcache/kvcache.hpp>
+
+#include <map>
+
+#include "../support/oracle.hpp"
+
+namespace kvcache::testing {
+namespace {
+
+constexpr int group = int4::group_tokens;
+constexpr double kernel_bound = 1e-5;
+
+// What an int4 cache holds for one layer of a sequence whose rows ([position][kv_head][head_dim])
+// are `rows`: whole groups of 32 positions quantized (K per channel over the group, V per row),
+// the positions after the last whole group as they are.
+Rows int4_stored(const Rows& rows, int kind, int length, int kv_heads, int head_dim) {
+  Rows result = rows;
+  const std::size_t row = static_cast<std::size_t>(kv_heads) * head_dim;
+  auto dequantized = [](float x, Int4Params params) {
+    return params.scale == 0.0f ? params.minimum
+                                : params.minimum + static_cast<float>(detail::int4_code(x, params)) * params.scale;
+  };
+  for (int first = 0; first + group <= length; first += group)
+    for (int head = 0; head < kv_heads; ++head) {
+      if (kind == 0) {
+        for (int d = 0; d < head_dim; ++d) {
+          std::vector<float> channel;
+          for (int p = first; p < first + group; ++p) channel.push_back(rows[p * row + head * head_dim + d]);
+          const Int4Params params = int4_group_params(channel);
+          for (int p = first; p < first + group; ++p)
+            result[p * row + head * head_dim + d] = dequantized(rows[p * row + head * head_dim + d], params);
+        }
+      } else {
+        for (int p = first; p < first + group; ++p) {
+          const std::span<const float> values(&rows[p * row + head * head_dim], static_cast<std::size_t>(head_dim));
+          const Int4Params params = int4_group_params(values);
+          for (int d = 0; d < head_dim; ++d)
+            result[p * row + head * head_dim + d] = dequantized(values[static_cast<std::size_t>(d)], params);
+        }
+      }
+    }
+  result.resize(static_cast<std::size_t>(length) * row);
+  return result;
+}
+
+// The values a view holds, read through its layout alone ([position][kv_head][head_dim]; NaN for
+// positions it does not hold).
+template <class View>
+Rows view_values(const View& view, int kind) {
+  const int hd = view.head_dim;
+  const std::size_t row = static_cast<std::size_t>(view.kv_heads) * hd;
+  Rows values(static_cast<std::size_t>(view.length) * row, std::nanf(""));
+  for (int i = 0; i < view.segment_count(); ++i) {
+    const auto segment = view.segment(i);
+    const int units = hd / 2;
+    const int page_groups = static_cast<int>(segment.head_stride) / units / view.group_tokens;
+    for (int head = 0; head < view.kv_heads; ++head)
+      for (int r = 0; r < segment.count; ++r) {
+        const int position = segment.first_position + r;
+        const int4x2* codes = (kind == 0 ? segment.k : segment.v) + head * segment.head_stride + r * units;
+        for (int d = 0; d < hd; ++d) {
+          float value;
+          if (kind == 0) {
+            const int group_index = position / group - segment.first_position / group;
+            const float* params = segment.k_scale + (head * page_groups + group_index) * 2 * hd;
+            value = params[hd + d] + int4_code_at(codes, d) * params[d];
+          } else {
+            const float* params = segment.v_scale + (head * page_groups * group + r) * 2;
+            value = params[1] + int4_code_at(codes, d) * params[0];
+          }
+          values[position * row + head * hd + d] = value;
+        }
+      }
+  }
+  const Segment<float>& residual = view.residual;
+  for (int head = 0; head < view.kv_heads; ++head)
+    for (int r = 0; r < residual.count; ++r)
+      for (int d = 0; d < hd; ++d)
+        values[(residual.first_position + r) * row + head * hd + d] =
+            (kind == 0 ? residual.k : residual.v)[head * residual.head_stride + r * hd + d];
+  return values;
+}
+
+template <class Layout>
+Layout int4_layout();
+template <>
+Contiguous int4_layout<Contiguous>() { return {.max_sequences = 6, .max_tokens = 128}; }
+template <>
+Paged<32> int4_layout<Paged<32>>() { return {.num_blocks = 40, .max_sequences = 6}; }
+template <>  // two groups per block: copy-on-write copies a quantized group with a residual one
+Paged<64> int4_layout<Paged<64>>() { return {.num_blocks = 24, .max_sequences = 6}; }
+template <>
+SlidingWindow int4_layout<SlidingWindow>() {
+  return {.max_sequences = 6, .window = 40, .sink_tokens = 32, .slack_tokens = 24};
+}
+
+template <class Layout>
+class Int4CacheTest : public ::testing::Test {};
+using Int4Layouts = ::testing::Types<Contiguous, Paged<32>, Paged<64>, SlidingWindow>;
+struct LayoutName {
+  template <class Layout>
+  static std::string GetName(int) {
+    return std::string(Layout::name) + std::to_string(int4_layout<Layout>().page_tokens());
+  }
+};
+TYPED_TEST_SUITE(Int4CacheTest, Int4Layouts, LayoutName);
+
+TYPED_TEST(Int4CacheTest, AllocatesExactlyWhatTheMemoryMathPredicts) {
+  const ModelShape shape{3, 8, 2, 32};
+  const auto layout = int4_layout<TypeParam>();
+  const KVCache<TypeParam, int4> cache(shape, layout);
+  const std::size_t tokens = static_cast<std::size_t>(layout.page_count()) * layout.page_tokens();
+  // Per layer and kv-head: 32 bytes of K and V codes, V's scale and minimum, and a 32nd of the
+  // K group's 32 channel scales and minima.
+  EXPECT_EQ(bytes_per_token<int4>(shape), 3u * 2 * (32 + 8 + 8));
+  EXPECT_EQ(residual_bytes_per_sequence<int4>(shape), 3u * 2 * 2 * 32 * 32 * sizeof(float));
+  EXPECT_EQ(cache.stats().bytes_capacity, bytes_for_tokens<int4>(shape, tokens) +
+                                              layout.sequence_slots() * residual_bytes_per_sequence<int4>(shape));
+  EXPECT_EQ(bytes_per_token<int4>(ModelShape{32, 32, 8, 128}) * 1000 / bytes_per_token<f16>(ModelShape{32, 32, 8, 128}),
+            328u);  // Llama-3-8B: 168 bytes per kv-head token against f16's 512
+}
+
+TEST(Int4Cache, RejectsLayoutsWithoutWholeGroups) {
+  auto expect_invalid = [](auto make) {
+    try {
+      make();
+      ADD_FAILURE() << "expected invalid_configuration";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.code(), errc::invalid_configuration) << error.what();
+      EXPECT_NE(std::string(error.what()).find("int4"), std::string::npos) << error.what();
+    }
+  };
+  expect_invalid([] { KVCache<Paged<16>, int4>({1, 2, 2, 64}, {.num_blocks = 8, .max_sequences = 2}); });
+  expect_invalid([] { KVCache<Contiguous, int4>({1, 2, 2, 64}, {.max_sequences = 2, .max_tokens = 100}); });
+  expect_invalid([] { KVCache<SlidingWindow, int4>({1, 2, 2, 64}, {.max_sequences = 2, .window = 32, .sink_tokens = 4}); });
+  expect_invalid([] { KVCache<Paged<32>, int4>({1, 2, 2, 6}, {.num_blocks = 8, .max_sequences = 2}); });
+}
+
+// Decode of ragged sequences and chunked prefill, MHA / GQA / MQA, fast and portable head sizes:
+// the views hold exactly the reference quantization, and attention over them equals the oracle.
+TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOracle) {
+  std::mt19937 rng(44);
+  struct Heads {
+    int q, kv;
+  };
+  for (const Heads heads : {Heads{4, 4}, Heads{8, 2}, Heads{6, 1}})
+    for (const int head_dim : {64, 40}) {
+      const ModelShape shape{1, heads.q, heads.kv, head_dim};
+      const auto layout = int4_layout<TypeParam>();
+      KVCache<TypeParam, int4> cache(shape, layout);
+      const std::size_t kv_row = static_cast<std::size_t>(heads.kv) * head_dim;
+      const std::size_t q_row = static_cast<std::size_t>(heads.q) * head_dim;
+      const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+      std::vector<SeqId> seqs;
+      std::vector<Rows> k, v;
+      const int lengths[] = {1, 31, 32, 77, 128};
+      for (int length : lengths) {
+        seqs.push_back(cache.open());
+        // Channels of very different offsets and sizes: per-channel parameters keep each one's precision.
+        Rows keys = random_values(rng, length * kv_row);
+        for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = keys[i] * static_cast<float>(1 + i % 7) + static_cast<float>(i % 5) - 2;
+        k.push_back(keys);
+        v.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 0.01f : 3.0f));
+        cache.reserve(seqs.back(), length);
+        // Appended in pieces: a group fills across calls.
+        for (int done = 0, piece = 1; done < length; done += piece, piece *= 3) {
+          piece = std::min(piece, length - done);
+          cache.append(0, seqs.back(), std::span<const float>(k.back()).subspan(done * kv_row, piece * kv_row),
+                       std::span<const float>(v.back()).subspan(done * kv_row, piece * kv_row));
+        }
+      }
+      std::vector<Rows> k_stored, v_stored;
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        k_stored.push_back(int4_stored(k[i], 0, lengths[i], heads.kv, head_dim));
+        v_stored.push_back(int4_stored(v[i], 1, lengths[i], heads.kv, head_dim));
+        const auto view = cache.view(0, seqs[i]);
+        const Rows k_view = view_values(view, 0), v_view = view_values(view, 1);
+        const Mask mask = mask_of(layout);
+        for (int p = 0; p < lengths[i]; ++p) {
+          if (!mask.visible(p, lengths[i] - 1)) continue;  // a window's old positions may be gone
+          for (std::size_t e = 0; e < kv_row; ++e) {
+            ASSERT_EQ(k_view[p * kv_row + e], k_stored[i][p * kv_row + e]) << "K, length " << lengths[i] << ", position " << p;
+            ASSERT_EQ(v_view[p * kv_row + e], v_stored[i][p * kv_row + e]) << "V, length " << lengths[i] << ", position " << p;
+          }
+        }
+      }
+      const auto q = random_values(rng, seqs.size() * q_row, 0.3f);
+      std::vector<float> out(q.size());
+      attention::decode(cache, 0, std::span<const SeqId>(seqs), q, out, {.scale = static_cast<float>(scale)});
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        const std::vector<float> q_i(q.begin() + i * q_row, q.begin() + (i + 1) * q_row);
+        const std::vector<float> out_i(out.begin() + i * q_row, out.begin() + (i + 1) * q_row);
+        const auto expected = oracle_attention(shape, k_stored[i], v_stored[i], lengths[i], q_i, 1, mask_of(layout), scale);
+        EXPECT_LE(relative_error(out_i, expected), kernel_bound)
+            << heads.q << "/" << heads.kv << " heads, head_dim " << head_dim << ", length " << lengths[i];
+      }
+      const int queries = 5;
+      const auto q_prefill = random_values(rng, queries * q_row, 0.3f);
+      std::vector<float> out_prefill(q_prefill.size());
+      attention::prefill(cache, 0, seqs[3], q_prefill, out_prefill, {.scale = static_cast<float>(scale)});
+      const auto expected = oracle_attention(shape, k_stored[3], v_stored[3], lengths[3], q_prefill, queries,
+                                             mask_of(layout), scale);
+      EXPECT_LE(relative_error(out_prefill, expected), kernel_bound) << "prefill, head_dim " << head_dim;
+    }
+}
+
+// Published blocks hold whole quantized groups: a sequence that shares them and appends the
+// rest attends exactly as the one that computed them.
+TEST(Int4Cache, SharedPrefixBlocksAttendLikeTheirOwner) {
+  const ModelShape shape{2, 8, 2, 64};
+  KVCache<Paged<32>, int4> cache(shape, {.num_blocks = 16, .max_sequences = 2});
+  std::mt19937 rng(8);
+  const int length = 75;
+  std::vector<std::int32_t> ids(length);
+  for (int i = 0; i < length; ++i) ids[i] = i * 7 % 11;
+  const Rows k = random_values(rng, length * 128), v = random_values(rng, length * 128);
+  const SeqId owner = cache.open();
+  cache.reserve(owner, length);
+  for (int layer = 0; layer < 2; ++layer) cache.append(layer, owner, k, v);
+  cache.publish_prefix(owner, ids);
+  const SeqId sharer = cache.open();
+  const int shared = cache.match_prefix(sharer, ids);
+  ASSERT_EQ(shared, 64);
+  cache.reserve(sharer, length - shared);
+  for (int layer = 0; layer < 2; ++layer)
+    cache.append(layer, sharer, std::span<const float>(k).subspan(shared * 128), std::span<const float>(v).subspan(shared * 128));
+  const auto q = random_values(rng, 8 * 64);
+  std::vector<float> a(q.size()), b(q.size());
+  for (int layer = 0; layer < 2; ++layer) {
+    attention::decode(cache, layer, owner, q, a);
+    attention::decode(cache, layer, sharer, q, b);
+    EXPECT_EQ(a, b) << "layer " << layer;
+  }
+}
+
+// The int4 part of the model test: every layer of every sequence is a list of rows as appended
+// (or, after a truncation into a quantized group, as dequantized), and the cache must hold
+// int4_stored of them, and attend to them, after every operation.
+TYPED_TEST(Int4CacheTest, RandomOperationsMatchModel) {
+  const ModelShape shape{2, 4, 2, 8};
+  const std::size_t row = 2 * 8;
+  TypeParam layout = int4_layout<TypeParam>();
+  if constexpr (std::same_as<TypeParam, SlidingWindow>)  // a window shorter than a group: truncation
+    layout = {.max_sequences = 6, .window = 8, .sink_tokens = 0, .slack_tokens = 56};  // meets reused rows
+  const Mask mask = mask_of(layout);
+  KVCache<TypeParam, int4> cache(shape, layout);
+  struct Sequence {
+    SeqId id;
+    Rows k[2], v[2];     // [layer]: rows as appended (full precision)
+    int first_held = 0;  // a window's positions before this (and after the sinks) were overwritten
+    int length() const { return static_cast<int>(k[0].size() / 16); }
+  };
+  std::map<std::uint32_t, Sequence> model;
+  std::mt19937 rng(77);
+  int truncations_into_groups = 0, forks = 0, checks = 0;
+  for (int step = 0; step < 3000; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const int operation = model.empty() ? 0 : std::uniform_int_distribution<int>(0, 5)(rng);
+    auto pick = [&]() -> Sequence& {
+      auto it = model.begin();
+      std::advance(it, std::uniform_int_distribution<int>(0, static_cast<int>(model.size()) - 1)(rng));
+      return it->second;
+    };
+    if (operation == 0) {
+      if (!cache.can_open()) continue;
+      const SeqId id = cache.open();
+      model[id.slot] = Sequence{id, {}, {}};
+    } else if (operation == 1) {
+      if (std::uniform_int_distribution<int>(0, 3)(rng) != 0) continue;
+      const SeqId id = pick().id;
+      cache.release(id);
+      model.erase(id.slot);
+    } else if (operation <= 3) {  // append 1..40 tokens
+      Sequence& seq = pick();
+      const int n = std::uniform_int_distribution<int>(1, 40)(rng);
+      if (!cache.can_reserve(seq.id, n)) continue;
+      cache.reserve(seq.id, n);
+      for (int layer = 0; layer < 2; ++layer) {
+        const Rows k = random_values(rng, n * row, 2.0f), v = random_values(rng, n * row);
+        cache.append(layer, seq.id, k, v);
+        seq.k[layer].insert(seq.k[layer].end(), k.begin(), k.end());
+        seq.v[layer].insert(seq.v[layer].end(), v.begin(), v.end());
+      }
+      if (layout.retention().ring_tokens > 0)
+        seq.first_held = std::max(seq.first_held, seq.length() - layout.retention().ring_tokens);
+    } else if (operation == 4) {  // truncate
+      Sequence& seq = pick();
+      const int length = std::uniform_int_distribution<int>(0, seq.length())(rng);
+      try {
+        cache.truncate(seq.id, length);
+      } catch (const Error& error) {
+        ASSERT_EQ(error.code(), errc::position_overwritten) << error.what();
+        continue;
+      }
+      const int old_length = seq.length();
+      if (length / group != old_length / group) ++truncations_into_groups;
+      for (int layer = 0; layer < 2; ++layer) {
+        // The new last group's positions, if it was quantized, come back dequantized; a window's
+        // positions that the ring reused come back as zeros.
+        if (length / group != old_length / group) {
+          const int first = length / group * group;
+          const Rows k_stored = int4_stored(seq.k[layer], 0, old_length, 2, 8);
+          const Rows v_stored = int4_stored(seq.v[layer], 1, old_length, 2, 8);
+          const Retention retention = layout.retention();
+          for (int p = first; p < length; ++p) {
+            const bool held = retention.ring_tokens == 0 || p < retention.sink_tokens || p >= seq.first_held;
+            for (std::size_t e = 0; e < row; ++e) {
+              seq.k[layer][p * row + e] = held ? k_stored[p * row + e] : 0.0f;
+              seq.v[layer][p * row + e] = held ? v_stored[p * row + e] : 0.0f;
+            }
+          }
+        }
+        seq.k[layer].resize(length * row);
+        seq.v[layer].resize(length * row);
+      }
+      seq.first_held = std::min(seq.first_held, length);
+    } else {  // fork
+      Sequence& seq = pick();
+      if (!cache.can_open()) continue;
+      const SeqId child = cache.fork(seq.id);
+      Sequence copy = seq;
+      copy.id = child;
+      model[child.slot] = copy;
+      ++forks;
+    }
+    // Every sequence holds what the model says; attention of one agrees with the oracle.
+    for (const auto& [slot, seq] : model)
+      for (int layer = 0; layer < 2; ++layer) {
+        const auto view = cache.view(layer, seq.id);
+        ASSERT_EQ(view.length, seq.length());
+        if (seq.length() == 0) continue;
+        const Rows k_view = view_values(view, 0), v_view = view_values(view, 1);
+        const Rows k_stored = int4_stored(seq.k[layer], 0, seq.length(), 2, 8);
+        const Rows v_stored = int4_stored(seq.v[layer], 1, seq.length(), 2, 8);
+        for (int p = 0; p < seq.length(); ++p) {
+          if (!mask.visible(p, seq.length() - 1)) continue;
+          for (std::size_t e = 0; e < row; ++e) {
+            ASSERT_EQ(k_view[p * row + e], k_stored[p * row + e]) << "K of layer " << layer << ", position " << p;
+            ASSERT_EQ(v_view[p * row + e], v_stored[p * row + e]) << "V of layer " << layer << ", position " << p;
+          }
+        }
+      }
+    if (!model.empty() && step % 7 == 0) {
+      const Sequence& seq = pick();
+      if (seq.length() == 0) continue;
+      const auto q = random_values(rng, 4 * 8, 0.5f);
+      std::vector<float> out(q.size());
+      attention::decode(cache, 1, seq.id, q, out);
+      const auto expected = oracle_attention(shape, int4_stored(seq.k[1], 0, seq.length(), 2, 8),
+                                             int4_stored(seq.v[1], 1, seq.length(), 2, 8), seq.length(), q, 1, mask,
+                                             1.0 / std::sqrt(8.0));
+      EXPECT_LE(relative_error(out, expected), kernel_bound);
+      ++checks;
+    }
+  }
+  EXPECT_GT(truncations_into_groups, 50);
+  EXPECT_GT(forks, 50);
+  EXPECT_GT(checks, 100);
+}
+
+}  // namespace
+}  // namespace kvcache::testing
