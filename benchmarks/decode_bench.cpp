@@ -30,7 +30,7 @@ constexpr std::size_t largest_layer = std::size_t{3} << 30;  // configurations a
 // K/V bytes of one layer, scales of quantized types included.
 template <class DType>
 std::size_t layer_bytes(const Geometry& g, int tokens, int batch) {
-  return static_cast<std::size_t>(batch) * tokens * g.kv_heads * 2 * row_bytes<DType>(static_cast<std::size_t>(g.head_dim));
+  return static_cast<std::size_t>(batch) * tokens * g.kv_heads * token_bytes<DType>(static_cast<std::size_t>(g.head_dim));
 }
 
 // The cache of the configuration measured last; building the next one frees it first.
@@ -115,6 +115,8 @@ void register_policy(const char* policy) {
     register_decode<Layout, bf16>(g, policy);
     register_decode<Layout, int8>(g, policy);
     register_decode<Layout, fp8_e4m3>(g, policy);
+    if constexpr (std::same_as<Layout, Contiguous>)  // int4 groups of 32 tokens need pages of whole groups
+      register_decode<Layout, int4>(g, policy);
   }
 }
 

@@ -95,7 +95,8 @@ inline double relative_error(std::span<const float> out, std::span<const float> 
 template <class DType>
 ErrorSummary decode_error(const KVRows& rows, std::span<const int> decode_lengths, int queries, std::uint64_t seed) {
   using namespace kvcache;
-  const Contiguous layout{.max_sequences = 1, .max_tokens = rows.tokens};
+  // Room in whole groups of 32 tokens, which int4 stores keys in.
+  const Contiguous layout{.max_sequences = 1, .max_tokens = (rows.tokens + 31) / 32 * 32};
   KVCache<Contiguous, f32> reference(rows.shape, layout);
   KVCache<Contiguous, DType> cache(rows.shape, layout);
   const SeqId reference_seq = reference.open(), seq = cache.open();

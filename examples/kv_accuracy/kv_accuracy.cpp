@@ -4,9 +4,11 @@
 //
 // Runs the stories260K model (DIR holds stories260K.bin, tok512.bin and expected.jsonl, the 32
 // greedy outputs of llama2.c) with a cache of each element type, f32, f16, bf16, int8,
-// fp8_e4m3, fp8_e5m2 and the Hadamard-rotated int8 and fp8_e4m3, and compares it with the same model on an f32 cache. The weights and
-// all arithmetic stay f32; only the cached K/V are rounded (quantized types: one float scale
-// per row, that is per token and kv-head). The f32 row checks the harness itself: it must show
+// fp8_e4m3, fp8_e5m2, the Hadamard-rotated int8 and fp8_e4m3, int4 and int4_hadamard, and compares it with
+// the same model on an f32 cache. The weights and all arithmetic stay f32; only the cached K/V
+// are rounded (int8, fp8: one float scale per row, that is per token and kv-head; int4: keys per
+// channel over groups of 32 tokens, values per row, the newest tokens of each sequence in
+// full precision until their group fills). The f32 row checks the harness itself: it must show
 // KLD 0, agreement 100% and every greedy case exact.
 //
 // Columns, per element type:
@@ -433,6 +435,8 @@ int main(int argc, char** argv) {
     rows.push_back(evaluate<kvcache::fp8_e5m2>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::int8_hadamard>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::fp8_e4m3_hadamard>(model, tokenizer, cases, baseline));
+    rows.push_back(evaluate<kvcache::int4>(model, tokenizer, cases, baseline));
+    rows.push_back(evaluate<kvcache::int4_hadamard>(model, tokenizer, cases, baseline));
 
     print_summary(checkpoint.config(), cases, baseline, rows.front().forced.positions);
     print_table(rows);

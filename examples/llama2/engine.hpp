@@ -13,6 +13,7 @@ namespace llama2 {
 struct CacheChoice {
   std::string policy = "contiguous";  // contiguous | paged | window | none
   std::string dtype = "f32";          // f32 f16 bf16 int8 fp8_e4m3 fp8_e5m2 int8_hadamard fp8_e4m3_hadamard
+                                      // int4 int4_hadamard (pages of whole 32-token groups)
   int block = 16;                     // paged: tokens per block (8, 16 or 32)
   int window = 0;                     // window: positions attended; 0 = the model's context
   int sinks = 0;                      // window: first positions kept forever
@@ -43,8 +44,10 @@ auto with_cache(const CacheChoice& choice, const Config& config, int sequences,
     if (choice.dtype == "fp8_e5m2") return go(fp8_e5m2{});
     if (choice.dtype == "int8_hadamard") return go(int8_hadamard{});
     if (choice.dtype == "fp8_e4m3_hadamard") return go(fp8_e4m3_hadamard{});
+    if (choice.dtype == "int4") return go(int4{});
+    if (choice.dtype == "int4_hadamard") return go(int4_hadamard{});
     detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype,
-                 ": use f32, f16, bf16, int8, fp8_e4m3, fp8_e5m2, int8_hadamard or fp8_e4m3_hadamard");
+                 ": use f32, f16, bf16, int8, fp8_e4m3, fp8_e5m2, int8_hadamard, fp8_e4m3_hadamard, int4 or int4_hadamard");
   };
   auto paged = [&](auto block_constant) {
     constexpr int block = decltype(block_constant)::value;

@@ -773,10 +773,11 @@ class KVCache {
     for (int kind = 0; kind < 2; ++kind) {
       const In* source = kind == 0 ? k : v;
       float* rows = residual(slot, layer, kind);
-      for (int head = 0; head < shape_.kv_heads; ++head)
-        for (int d = 0; d < shape_.head_dim; ++d)
-          rows[(static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim + d] =
-              to_float(source[head * shape_.head_dim + d]);
+      for (int head = 0; head < shape_.kv_heads; ++head) {
+        float* target = rows + (static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim;
+        for (int d = 0; d < shape_.head_dim; ++d) target[d] = to_float(source[head * shape_.head_dim + d]);
+        if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(target, shape_.head_dim);
+      }
     }
     if (group_row == group_tokens - 1) {
       // The group's positions are consecutive rows of one page (the policy was checked for it).

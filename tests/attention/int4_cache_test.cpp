@@ -209,6 +209,30 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
     }
 }
 
+// int4_hadamard stores H x: attention equals the oracle on H^-1 (int4_stored of H x).
+TEST(Int4Cache, HadamardRotatedRowsAttendLikeTheirReference) {
+  const ModelShape shape{1, 8, 2, 64};
+  KVCache<Contiguous, int4_hadamard> cache(shape, {.max_sequences = 1, .max_tokens = 96});
+  std::mt19937 rng(12);
+  const int length = 77;
+  Rows k = random_values(rng, length * 128), v = random_values(rng, length * 128);
+  for (std::size_t i = 0; i < k.size(); i += 64) k[i + 5] += 20.0f;  // an outlier channel
+  const SeqId seq = cache.open();
+  cache.reserve(seq, length);
+  cache.append(0, seq, k, v);
+  auto rotate_rows = [](Rows rows) {
+    for (std::size_t i = 0; i < rows.size(); i += 64) detail::hadamard_transform(&rows[i], 64);
+    return rows;
+  };
+  const Rows k_stored = rotate_rows(int4_stored(rotate_rows(k), 0, length, 2, 64));  // H = H^-1
+  const Rows v_stored = rotate_rows(int4_stored(rotate_rows(v), 1, length, 2, 64));
+  const double scale = 1.0 / 8.0;
+  const auto q = random_values(rng, 4 * 8 * 64, 0.3f);
+  std::vector<float> out(q.size());
+  attention::prefill(cache, 0, seq, q, out, {.scale = static_cast<float>(scale)});
+  EXPECT_LE(relative_error(out, oracle_attention(shape, k_stored, v_stored, length, q, 4, {}, scale)), kernel_bound);
+}
+
 // Published blocks hold whole quantized groups: a sequence that shares them and appends the
 // rest attends exactly as the one that computed them.
 TEST(Int4Cache, SharedPrefixBlocksAttendLikeTheirOwner) {

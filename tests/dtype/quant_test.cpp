@@ -573,5 +573,56 @@ TEST(Int8Element, IsTheInt8RowCodec) {
   EXPECT_EQ(codes, (std::vector<std::int8_t>{50, -127, 0, 100}));
 }
 
+// The int4 cache element: keys per channel over a group of 32 rows, values per row, each
+// element within its own group's scale / 2; zeros, constants, NaN and inf as int4.hpp says.
+TEST(Int4Element, KeysPerChannelValuesPerRowWithinTheirBounds) {
+  static_assert(GroupQuantizedElement<int4> && CacheElement<int4> && !QuantizedElement<int4>);
+  constexpr int group = int4_group_tokens, head_dim = 8;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  std::vector<float> rows(group * head_dim);
+  for (int r = 0; r < group; ++r)
+    for (int d = 0; d < head_dim; ++d)  // channel d: offset d, spread 10^(d - 4); channel 0 all zero
+      rows[r * head_dim + d] = d == 0 ? 0.0f : static_cast<float>(d) + normal(rng) * std::pow(10.0f, static_cast<float>(d - 4));
+  for (int r = 0; r < group; ++r) rows[r * head_dim + 1] = 2.5f;  // a constant channel
+  rows[5 * head_dim + 2] = nan;   // read as 0: the channel's range reaches down to 0
+  rows[6 * head_dim + 3] = inf;   // saturates at the channel's maximum
+  rows[7 * head_dim + 3] = -inf;  // and its minimum
+  std::vector<float> params(2 * head_dim);
+  std::vector<int4x2> codes(group * head_dim / 2);
+  quantize_int4_keys(rows.data(), head_dim, params.data(), codes.data());
+  for (int d = 0; d < head_dim; ++d) {
+    float low = inf, high = -inf;
+    for (int r = 0; r < group; ++r) {
+      const float x = std::isnan(rows[r * head_dim + d]) ? 0.0f : rows[r * head_dim + d];
+      if (std::isfinite(x)) low = std::min(low, x), high = std::max(high, x);
+    }
+    const float scale = params[d], minimum = params[head_dim + d];
+    EXPECT_EQ(minimum, low) << "channel " << d;
+    EXPECT_NEAR(scale, (high - low) / 15, 1e-6 * (high - low)) << "channel " << d;
+    for (int r = 0; r < group; ++r) {
+      const float x = rows[r * head_dim + d];
+      const float stored = minimum + int4_code_at(codes.data() + r * head_dim / 2, d) * scale;
+      if (std::isinf(x)) EXPECT_EQ(stored, x > 0 ? minimum + 15 * scale : minimum);
+      else EXPECT_LE(std::abs((std::isnan(x) ? 0.0f : x) - stored), scale / 2 * (1 + 1e-5) + 1e-30f) << "channel " << d << ", row " << r;
+    }
+  }
+  EXPECT_EQ(params[0], 0.0f);  // zeros and constants: scale 0, stored exactly
+  EXPECT_EQ(params[1], 0.0f);
+  EXPECT_EQ(params[head_dim + 1], 2.5f);
+
+  const std::vector<float> row{-3.0f, 1.0f, 0.5f, nan, 12.0f, 0.0f, -inf, 7.0f};
+  std::vector<float> row_params(2);
+  std::vector<int4x2> row_codes(4);
+  quantize_int4_values(row.data(), head_dim, row_params.data(), row_codes.data());
+  EXPECT_EQ(row_params[1], -3.0f);
+  EXPECT_EQ(row_params[0], 1.0f);  // (12 - -3) / 15
+  // 0.5 is 3.5 steps above the minimum, a tie, rounded to the even 4; NaN is 0, -inf the minimum.
+  const std::vector<float> expected{-3.0f, 1.0f, 1.0f, 0.0f, 12.0f, 0.0f, -3.0f, 7.0f};
+  for (int d = 0; d < head_dim; ++d)
+    EXPECT_EQ(row_params[1] + int4_code_at(row_codes.data(), d) * row_params[0], expected[static_cast<std::size_t>(d)]) << d;
+  EXPECT_EQ(int4::token_bytes(128), 168u);
+}
+
 }  // namespace
 }  // namespace kvcache

@@ -211,15 +211,12 @@ inline void load_row(const int4x2* stored, int head_dim, float* row) {
 // q . k = (q * scale) . code + q . minimum. Fills q_group [heads][head_dim] with q * scale and
 // bias [heads] with q . minimum for the group whose parameters ([2][head_dim]) are given.
 inline void scale_queries(const float* q, int heads, int head_dim, const float* params, float* q_group, float* bias) {
+  using Vector = Eigen::Map<const Eigen::VectorXf>;
+  const Vector scale(params, head_dim), minimum(params + head_dim, head_dim);
   for (int h = 0; h < heads; ++h) {
-    const float* query = q + static_cast<std::size_t>(h) * head_dim;
-    float* scaled = q_group + static_cast<std::size_t>(h) * head_dim;
-    float dot = 0.0f;
-    for (int d = 0; d < head_dim; ++d) {
-      scaled[d] = query[d] * params[d];
-      dot += query[d] * params[head_dim + d];
-    }
-    bias[h] = dot;
+    const Vector query(q + static_cast<std::size_t>(h) * head_dim, head_dim);
+    Eigen::Map<Eigen::VectorXf>(q_group + static_cast<std::size_t>(h) * head_dim, head_dim) = query.cwiseProduct(scale);
+    bias[h] = query.dot(minimum);
   }
 }
 
@@ -228,13 +225,13 @@ inline void scale_queries(const float* q, int heads, int head_dim, const float* 
 // weights into weight * scale and returns in minimum_weight [heads] the sum of weight * minimum.
 //   params: [rows][2] (scale, minimum)
 inline void scale_weights(float (*weights)[tile_rows], int heads, int rows, const float* params, float* minimum_weight) {
+  alignas(64) float scale_data[tile_rows], minimum_data[tile_rows];
+  for (int r = 0; r < rows; ++r) scale_data[r] = params[2 * r], minimum_data[r] = params[2 * r + 1];
+  const Eigen::Map<const Eigen::VectorXf> scale(scale_data, rows), minimum(minimum_data, rows);
   for (int h = 0; h < heads; ++h) {
-    float sum = 0.0f;
-    for (int r = 0; r < rows; ++r) {
-      sum += weights[h][r] * params[2 * r + 1];
-      weights[h][r] *= params[2 * r];
-    }
-    minimum_weight[h] = sum;
+    Eigen::Map<Eigen::VectorXf> weight(weights[h], rows);
+    minimum_weight[h] = weight.dot(minimum);
+    weight = weight.cwiseProduct(scale);
   }
 }
 

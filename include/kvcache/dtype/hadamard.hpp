@@ -14,6 +14,7 @@
 #include "../config.hpp"
 #include "concept.hpp"
 #include "fp8.hpp"
+#include "int4.hpp"
 #include "int8.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
@@ -36,7 +37,8 @@ inline void hadamard_transform(float* x, int n) {
 }  // namespace detail
 
 // Element type E with every K and V row rotated by H before it is quantized.
-template <QuantizedElement E, const char* Name>
+template <class E, const char* Name>
+  requires QuantizedElement<E> || GroupQuantizedElement<E>
 struct hadamard_rotated : E {
   static constexpr const char* name = Name;
   static constexpr bool hadamard = true;
@@ -49,9 +51,13 @@ inline constexpr bool is_hadamard_rotated = requires { requires T::hadamard; };
 namespace detail {
 inline constexpr char int8_hadamard_name[] = "int8_hadamard";
 inline constexpr char fp8_e4m3_hadamard_name[] = "fp8_e4m3_hadamard";
+inline constexpr char int4_hadamard_name[] = "int4_hadamard";
 }  // namespace detail
 
 using int8_hadamard = hadamard_rotated<int8, detail::int8_hadamard_name>;
 using fp8_e4m3_hadamard = hadamard_rotated<fp8_e4m3, detail::fp8_e4m3_hadamard_name>;
+// int4 with rotated rows: channel outliers spread over the row before the per-channel groups
+// see them (the residual rows are kept rotated too).
+using int4_hadamard = hadamard_rotated<int4, detail::int4_hadamard_name>;
 
 KVCACHE_END_NAMESPACE
