@@ -342,10 +342,14 @@ class KVCache {
     sync_device_table(to);
     for (int layer = 0; layer < shape_.layers; ++layer)
       layer_state(to, layer) = layer_state(from, layer);
-    if constexpr (grouped)
+    if constexpr (grouped)  // the residual rows in use: those of the positions after the last whole group
       for (int layer = 0; layer < shape_.layers; ++layer)
         for (int kind = 0; kind < 2; ++kind)
-          std::copy_n(residual(from, layer, kind), residual_floats(), residual(to, layer, kind));
+          for (int head = 0; head < shape_.kv_heads; ++head) {
+            const std::size_t first = static_cast<std::size_t>(head) * group_tokens * shape_.head_dim;
+            std::copy_n(residual(from, layer, kind) + first, static_cast<std::size_t>(length % group_tokens) * shape_.head_dim,
+                        residual(to, layer, kind) + first);
+          }
     slots_[static_cast<std::size_t>(from)].reserved = length;
     slots_[static_cast<std::size_t>(to)].reserved = length;
     audit_after_change();

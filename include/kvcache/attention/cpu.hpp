@@ -3,7 +3,9 @@
 // Decode is bound by memory: every K/V byte of a sequence is read once per generated token.
 // So for one kv-head the query heads of its group share one pass over its rows. K rows are read
 // from the cache once, converted to fp32 as they are loaded (f16, bf16; int8 and fp8 codes,
-// whose per-row scales then multiply the scores of K rows and the weights of V rows), a SIMD width of rows
+// whose per-row scales then multiply the scores of K rows and the weights of V rows; int4 codes,
+// whose key group's channel scales and minima are folded into the query and a bias, and whose
+// value minima into one sum, once per tile), a SIMD width of rows
 // at a time (that small block stays in L1), and scored against every head; the per-row partial
 // dot products are summed by one transposing reduction. Scores are folded into an online
 // softmax (fp32 state) a tile of rows at a time, then each V row is read once and accumulated
