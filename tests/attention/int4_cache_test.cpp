@@ -209,6 +209,38 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
     }
 }
 
+// A batch append (one token for each of several sequences) stores what one append per sequence
+// does, groups filling and quantizing mid-batch included.
+TEST(Int4Cache, BatchAppendEqualsOneAppendPerSequence) {
+  const ModelShape shape{1, 4, 2, 64};
+  const Paged<32> layout{.num_blocks = 24, .max_sequences = 3};
+  KVCache<Paged<32>, int4> batched(shape, layout), single(shape, layout);
+  std::mt19937 rng(31);
+  std::vector<SeqId> a, b;
+  for (int i = 0; i < 3; ++i) {
+    a.push_back(batched.open());
+    b.push_back(single.open());
+    const int start = 10 * i + 25;  // each sequence completes a group at a different step
+    const Rows k = random_values(rng, start * 128), v = random_values(rng, start * 128);
+    batched.reserve(a[i], start + 20);
+    single.reserve(b[i], start + 20);
+    batched.append(0, a[i], k, v);
+    single.append(0, b[i], k, v);
+  }
+  for (int step = 0; step < 20; ++step) {
+    const Rows k = random_values(rng, 3 * 128), v = random_values(rng, 3 * 128);
+    batched.append(0, std::span<const SeqId>(a), k, v);
+    for (int i = 0; i < 3; ++i)
+      single.append(0, b[i], std::span<const float>(k).subspan(i * 128, 128), std::span<const float>(v).subspan(i * 128, 128));
+  }
+  for (int i = 0; i < 3; ++i) {
+    const auto x = batched.view(0, a[i]), y = single.view(0, b[i]);
+    ASSERT_EQ(x.length, y.length);
+    EXPECT_EQ(view_values(x, 0), view_values(y, 0)) << "sequence " << i;
+    EXPECT_EQ(view_values(x, 1), view_values(y, 1)) << "sequence " << i;
+  }
+}
+
 // int4_hadamard stores H x: attention equals the oracle on H^-1 (int4_stored of H x).
 TEST(Int4Cache, HadamardRotatedRowsAttendLikeTheirReference) {
   const ModelShape shape{1, 8, 2, 64};
