@@ -154,8 +154,6 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
       const auto layout = int4_layout<TypeParam>();
       KVCache<TypeParam, int4> cache(shape, layout);
       const std::size_t kv_row = static_cast<std::size_t>(heads.kv) * head_dim;
-      const std::size_t q_row = static_cast<std::size_t>(heads.q) * head_dim;
-      const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
       std::vector<SeqId> seqs;
       std::vector<Rows> k, v;
       const int lengths[] = {1, 31, 32, 77, 128};
@@ -189,23 +187,7 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
           }
         }
       }
-      const auto q = random_values(rng, seqs.size() * q_row, 0.3f);
-      std::vector<float> out(q.size());
-      attention::decode(cache, 0, std::span<const SeqId>(seqs), q, out, {.scale = static_cast<float>(scale)});
-      for (std::size_t i = 0; i < seqs.size(); ++i) {
-        const std::vector<float> q_i(q.begin() + i * q_row, q.begin() + (i + 1) * q_row);
-        const std::vector<float> out_i(out.begin() + i * q_row, out.begin() + (i + 1) * q_row);
-        const auto expected = oracle_attention(shape, k_stored[i], v_stored[i], lengths[i], q_i, 1, mask_of(layout), scale);
-        EXPECT_LE(relative_error(out_i, expected), kernel_bound)
-            << heads.q << "/" << heads.kv << " heads, head_dim " << head_dim << ", length " << lengths[i];
-      }
-      const int queries = 5;
-      const auto q_prefill = random_values(rng, queries * q_row, 0.3f);
-      std::vector<float> out_prefill(q_prefill.size());
-      attention::prefill(cache, 0, seqs[3], q_prefill, out_prefill, {.scale = static_cast<float>(scale)});
-      const auto expected = oracle_attention(shape, k_stored[3], v_stored[3], lengths[3], q_prefill, queries,
-                                             mask_of(layout), scale);
-      EXPECT_LE(relative_error(out_prefill, expected), kernel_bound) << "prefill, head_dim " << head_dim;
+      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng, kernel_bound);
     }
 }
 
