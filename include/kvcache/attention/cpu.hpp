@@ -5,9 +5,9 @@
 // from the cache once, converted to fp32 as they are loaded (f16, bf16; int8 and fp8 codes,
 // whose per-row scales then multiply the scores of K rows and the weights of V rows; int4 codes,
 // whose key group's channel scales and minima are folded into the query and a bias, and whose
-// value minima into one sum, once per tile), a SIMD width of rows
-// at a time (that small block stays in L1), and scored against every head; the per-row partial
-// dot products are summed by one transposing reduction. Scores are folded into an online
+// value minima into one sum, once per tile), in registers, and scored against four heads per
+// load; the per-row partial dot products are summed by one transposing reduction. Scores are
+// folded into an online
 // softmax (fp32 state) a tile of rows at a time, then each V row is read once and accumulated
 // for every head with the accumulators in registers. The next tile's rows are prefetched one
 // row per row computed. Work is split over (sequence, kv-head) and over token ranges of long
@@ -56,13 +56,19 @@ namespace simd = kvcache::detail::simd;
 
 inline constexpr int heads_per_pass = 64;  // rows (query heads, or heads x queries in prefill)
                                            // sharing one read of K/V; larger groups take passes
-inline constexpr int tile_rows = 32;      // key rows scored before one softmax update
+inline constexpr int tile_rows = 32;      // the most key rows scored before one softmax update
 inline constexpr std::size_t inline_elements = std::size_t{1} << 16;  // K elements below which a call stays on one thread
 inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges of at least this many keys
 
 // Storage whose K rows are quantized per channel over groups of tokens (int4).
 template <class Storage>
 concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
+
+// Key rows per softmax update: 16 rows of 2- and 4-byte elements keep a tile of K and V and the
+// next one's (prefetched) in L1; rows of 1-byte codes are half as long, and a group-quantized
+// tile is a whole key group (32 rows), whose scales are folded into the queries once.
+template <class Storage>
+inline constexpr int rows_per_tile = sizeof(Storage) == 1 ? 32 : 16;
 
 // Calls f with std::integral_constant<int, heads> for heads in [1, 4].
 template <class F>
@@ -75,18 +81,23 @@ void dispatch_heads(int heads, F&& f) {
   }
 }
 
+// Asks for the cache line holding `address` (nothing where the target has no prefetch hint).
+inline void prefetch_line(const void* address) {
+#if defined(__SSE__)
+  _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+#else
+  (void)address;
+#endif
+}
+
 // Asks for one row (of K or V) that a later tile will read. Issued once per row processed, so
 // the requests are spread over the computation: the hardware prefetcher alone leaves one core
 // far below its read bandwidth on this access pattern, and a burst of requests does too.
 template <int HeadDim, class Storage>
 inline void prefetch_row(const Storage* row) {
-#if defined(__SSE__)
   if (row == nullptr) return;
   for (std::size_t at = 0; at < HeadDim * sizeof(Storage) / elements_per_unit<Storage>; at += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(row) + at, _MM_HINT_T0);
-#else
-  (void)row;
-#endif
+    prefetch_line(reinterpret_cast<const char*>(row) + at);
 }
 
 template <int HeadDim>
@@ -122,40 +133,40 @@ void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc) {
   }
 }
 
-// scores[h][r] = q_h . k_r for `rows` rows of k ([rows][HeadDim]). simd::width rows at a time
-// are converted to fp32 once (into an L1-resident block), then for each head the per-row
-// partial dot products are summed by one transposing reduction instead of one per row.
-template <int HeadDim, class Storage>
-void score_rows(const Storage* k, int rows, const float* q, int heads, float (*scores)[tile_rows],
-                const Storage* prefetch) {
+// scores[h][r] = q_h . k_r for `Heads` heads and `rows` rows of k ([rows][HeadDim]). Each row
+// is converted to fp32 in registers, a few vectors at a time, and multiplied into every head
+// (queries are read from L1), so a row is loaded once per Heads heads and never stored; the
+// per-row partial dot products of simd::width rows are summed by one transposing reduction
+// per head.
+template <int HeadDim, int Heads, class Storage>
+void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], const Storage* prefetch) {
   {
     constexpr int width = simd::width, vectors = HeadDim / width, units = elements_per_unit<Storage>;
-    alignas(64) float block[width * HeadDim];  // [width rows][HeadDim] as fp32
+    constexpr int chunk = std::min(vectors, 8);  // row vectors held in registers at once
     for (int first = 0; first < rows; first += width) {
       const int count = std::min(width, rows - first);
-      for (int r = 0; r < count; ++r) {
-        prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim / units);
-        for (int j = 0; j < vectors; ++j)
-          simd::store(block + r * HeadDim + j * width, simd::load(k + ((first + r) * HeadDim + j * width) / units));
-      }
-      for (int h = 0; h < heads; ++h) {
-        simd::floats query[vectors];
-        for (int j = 0; j < vectors; ++j) query[j] = simd::load(q + h * HeadDim + j * width);
-        simd::floats partial[width];
-        for (int r = 0; r < width; ++r) {
-          if (r >= count) {
-            partial[r] = simd::zero();
-            continue;
+      simd::floats partial[Heads][width];
+      for (int r = 0; r < width; ++r) {
+        simd::floats even[Heads], odd[Heads];  // two chains per head hide FMA latency
+        for (int h = 0; h < Heads; ++h) even[h] = odd[h] = simd::zero();
+        if (r < count) {
+          const Storage* row = k + (first + r) * HeadDim / units;
+          prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim / units);
+          for (int j0 = 0; j0 < vectors; j0 += chunk) {
+            simd::floats key[chunk];
+            for (int j = 0; j < chunk; ++j) key[j] = simd::load(row + (j0 + j) * width / units);
+            for (int h = 0; h < Heads; ++h)
+              for (int j = 0; j < chunk; j += 2) {
+                even[h] = simd::fma(simd::load(q + h * HeadDim + (j0 + j) * width), key[j], even[h]);
+                odd[h] = simd::fma(simd::load(q + h * HeadDim + (j0 + j + 1) * width), key[j + 1], odd[h]);
+              }
           }
-          simd::floats even = simd::zero(), odd = simd::zero();  // two chains hide FMA latency
-          for (int j = 0; j < vectors; j += 2) {
-            even = simd::fma(query[j], simd::load(block + r * HeadDim + j * width), even);
-            odd = simd::fma(query[j + 1], simd::load(block + r * HeadDim + (j + 1) * width), odd);
-          }
-          partial[r] = simd::add(even, odd);
         }
+        for (int h = 0; h < Heads; ++h) partial[h][r] = simd::add(even[h], odd[h]);
+      }
+      for (int h = 0; h < Heads; ++h) {
         alignas(64) float sums[width];
-        simd::store(sums, simd::sum_each(partial));
+        simd::store(sums, simd::sum_each(partial[h]));
         for (int r = 0; r < count; ++r) scores[h][first + r] = sums[r];
       }
     }
@@ -192,9 +203,8 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 
 template <int HeadDim>
 void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc);
-template <int HeadDim, class Storage>
-void score_rows(const Storage* k, int rows, const float* q, int heads, float (*scores)[tile_rows],
-                const Storage* prefetch);
+template <int HeadDim, int Heads, class Storage>
+void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], const Storage* prefetch);
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, const Storage* prefetch);
 
@@ -237,9 +247,12 @@ inline void scale_weights(float (*weights)[tile_rows], int heads, int rows, cons
   }
 }
 
+// Floats aligned for the widest SIMD register the build uses.
+using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
+
 // Per-thread room for the group-scaled queries of a pass ([heads][head_dim]); only grows.
 inline float* group_query_scratch(std::size_t floats) {
-  thread_local std::vector<float> scratch;
+  thread_local AlignedFloats scratch;
   if (scratch.size() < floats) scratch.resize(floats);
   return scratch.data();
 }
@@ -274,6 +287,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   std::pair<const Storage*, const Storage*> following{nullptr, nullptr};  // next segment's rows
   float* q_group = nullptr;  // group-quantized keys: q * the group's channel scales
   alignas(64) float bias[heads_per_pass];
+  const float* scaled_group = nullptr;  // the parameters q_group and bias were made with
   // Segments of the cache's storage, or the full-precision residual rows of group-quantized
   // types (S = float).
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
@@ -282,7 +296,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
     const int groups_per_page = group_quantized ? static_cast<int>(segment.head_stride) / units / view.group_tokens : 0;
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;
     for (int tile = begin, rows = 0; tile < end; tile += rows) {
-      rows = std::min(tile_rows, end - tile);
+      rows = std::min(rows_per_tile<S>, end - tile);
       if constexpr (group_quantized)  // one K group per tile
         rows = std::min(rows, (tile / view.group_tokens + 1) * view.group_tokens - tile);
       const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * units;
@@ -302,11 +316,16 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         const int group = tile / view.group_tokens - segment.first_position / view.group_tokens;
         const float* params = segment.k_scale + (static_cast<std::size_t>(kv_head) * groups_per_page + group) * 2 * head_dim;
         if (q_group == nullptr) q_group = group_query_scratch(static_cast<std::size_t>(heads_per_pass) * head_dim);
-        scale_queries(q, heads, head_dim, params, q_group, bias);
+        if (params != scaled_group) scale_queries(q, heads, head_dim, params, q_group, bias);  // a group spans tiles
+        scaled_group = params;
         q_tile = q_group;
       }
       if constexpr (use_simd<HeadDim>) {
-        score_rows<HeadDim>(k, rows, q_tile, heads, scores, next_k);
+        for (int first = 0; first < heads; first += 4)  // K tile stays in L1 across the chunks
+          dispatch_heads(std::min(4, heads - first), [&](auto chunk) {
+            score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
+                                                        scores + first, first == 0 ? next_k : nullptr);
+          });
       } else {
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
@@ -383,6 +402,13 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       const Segment<Storage> next = view.segment(i + 1);
       const std::size_t offset = static_cast<std::size_t>(kv_head) * next.head_stride;
       following = {next.k + offset, next.v + offset};
+      // A page's per-row scales lie apart from its rows, where no prefetcher looks ahead.
+      if constexpr (!GroupQuantizedStorage<Storage>)
+        if (next.k_scale != nullptr) {
+          const std::size_t scale_offset = static_cast<std::size_t>(kv_head) * (next.head_stride / view.head_dim);
+          prefetch_line(next.k_scale + scale_offset);
+          prefetch_line(next.v_scale + scale_offset);
+        }
     } else {
       following = {nullptr, nullptr};
     }
@@ -428,12 +454,13 @@ struct Task {
   int splits;              // tasks (consecutive, this one first) whose partials make one output
 };
 
-// Per-thread scratch that only grows: task lists and partial results.
+// Per-thread scratch that only grows: task lists and partial results. The kernels read queries
+// and accumulators a SIMD register at a time, so those rows must not straddle cache lines.
 struct Scratch {
   std::vector<Task> tasks;
   std::vector<OnlineSoftmax> softmax;  // [tasks][heads_per_pass]
-  std::vector<float> acc;              // [tasks][heads_per_pass][head_dim]
-  std::vector<float> q;                // [tasks][heads_per_pass][head_dim] scaled queries
+  AlignedFloats acc;                   // [tasks][heads_per_pass][head_dim]
+  AlignedFloats q;                     // [tasks][heads_per_pass][head_dim] scaled queries
 };
 inline Scratch& scratch() {
   thread_local Scratch instance;
