@@ -81,6 +81,18 @@ void dispatch_heads(int heads, F&& f) {
   }
 }
 
+// Calls f with std::integral_constant<int, n> for the largest n in {8, 4, 2, 1} not above
+// `heads` (8 only with 32 registers, where a row's eight vectors and two chains for each of
+// eight heads fit); returns n.
+template <class F>
+int dispatch_score_heads(int heads, F&& f) {
+  if constexpr (simd::width == 16)
+    if (heads >= 8) return f(std::integral_constant<int, 8>{}), 8;
+  if (heads >= 4) return f(std::integral_constant<int, 4>{}), 4;
+  if (heads >= 2) return f(std::integral_constant<int, 2>{}), 2;
+  return f(std::integral_constant<int, 1>{}), 1;
+}
+
 // Asks for the cache line holding `address` (nothing where the target has no prefetch hint).
 inline void prefetch_line(const void* address) {
 #if defined(__SSE__)
@@ -321,8 +333,8 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         q_tile = q_group;
       }
       if constexpr (use_simd<HeadDim>) {
-        for (int first = 0; first < heads; first += 4)  // K tile stays in L1 across the chunks
-          dispatch_heads(std::min(4, heads - first), [&](auto chunk) {
+        for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
+          first += dispatch_score_heads(heads - first, [&](auto chunk) {
             score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
                                                         scores + first, first == 0 ? next_k : nullptr);
           });
