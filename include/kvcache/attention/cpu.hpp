@@ -2,17 +2,16 @@
 //
 // Decode is bound by memory: every K/V byte of a sequence is read once per generated token.
 // So for one kv-head the query heads of its group share one pass over its rows. K rows are read
-// from the cache once, converted to fp32 as they are loaded (f16, bf16; int8 and fp8 codes,
-// whose per-row scales then multiply the scores of K rows and the weights of V rows; int4 codes,
-// whose key group's channel scales and minima are folded into the query and a bias, and whose
-// value minima into one sum, once per tile), in registers, and scored against four heads per
-// load; the per-row partial dot products are summed by one transposing reduction. Scores are
-// folded into an online
-// softmax (fp32 state) a tile of rows at a time, then each V row is read once and accumulated
-// for every head with the accumulators in registers. The next tile's rows are prefetched one
-// row per row computed. Work is split over (sequence, kv-head) and over token ranges of long
-// sequences (fixed by the sequence, so results are batch-invariant), whose partial softmax
-// states are merged in order.
+// from the cache once per up to eight heads, converted to fp32 in registers (f16, bf16; int8
+// and fp8 codes, whose per-row scales then multiply the scores of K rows and the weights of V
+// rows; int4 codes, whose key group's channel scales and minima are folded into the query and a
+// bias once per group, and whose value minima into one sum per tile) and never stored; the per-row
+// partial dot products are summed by one transposing reduction. Scores are folded into an
+// online softmax (fp32 state) a tile of about 4 KiB of K at a time, then each V row is read
+// once and accumulated for every head with the accumulators in registers. The next tile's rows
+// are prefetched one row per row computed. Work is split over (sequence, kv-head) and over token
+// ranges of long sequences (fixed by the sequence, so results are batch-invariant), whose
+// partial softmax states are merged in order.
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
 // visible to all of its queries and read once for all of them.
 //
