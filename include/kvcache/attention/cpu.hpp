@@ -63,10 +63,12 @@ inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges
 template <class Storage>
 concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 
-// Key rows per softmax update: as many as make 4 KiB of K (8 to 32), so that a tile of K and V
-// and the next one's (prefetched) stay in L1; longer tiles measured slower from memory.
-inline constexpr int rows_per_tile(std::size_t row_bytes) {
-  return static_cast<int>(std::clamp<std::size_t>(4096 / row_bytes, 8, tile_rows));
+// Key rows per softmax update: as many as make 4 KiB of K, so that a tile of K and V and the
+// next one's (prefetched) stay in L1 (longer tiles measured slower from memory); at least 8, and
+// at least 16 for passes of more than 4 heads (prefill, MQA), which are compute-bound and load
+// and store their accumulators once per tile.
+inline constexpr int rows_per_tile(std::size_t row_bytes, int heads) {
+  return static_cast<int>(std::clamp<std::size_t>(4096 / row_bytes, heads > 4 ? 16 : 8, tile_rows));
 }
 
 // Calls f with std::integral_constant<int, heads> for heads in [1, 4].
@@ -307,7 +309,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
     const int groups_per_page = group_quantized ? static_cast<int>(segment.head_stride) / units / view.group_tokens : 0;
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;
     for (int tile = begin, rows = 0; tile < end; tile += rows) {
-      rows = std::min(rows_per_tile(units * sizeof(S)), end - tile);
+      rows = std::min(rows_per_tile(units * sizeof(S), heads), end - tile);
       if constexpr (group_quantized)  // one K group per tile
         rows = std::min(rows, (tile / view.group_tokens + 1) * view.group_tokens - tile);
       const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * units;
