@@ -72,23 +72,13 @@ inline constexpr int rows_per_tile(std::size_t row_bytes, int heads) {
   return heads > 4 ? tile_rows : static_cast<int>(std::clamp<std::size_t>(4096 / row_bytes, 8, tile_rows));
 }
 
-// Calls f with std::integral_constant<int, heads> for heads in [1, 4].
-template <class F>
-void dispatch_heads(int heads, F&& f) {
-  switch (heads) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
-}
-
 // Calls f with std::integral_constant<int, n> for the largest n in {8, 4, 2, 1} not above
-// `heads` (8 only with 32 registers, where a row's eight vectors and two chains for each of
-// eight heads fit); returns n.
-template <class F>
-int dispatch_score_heads(int heads, F&& f) {
-  if constexpr (simd::width == 16)
+// `heads` or Most; returns n. A kernel keeps n heads' work in registers: scoring holds a row's
+// eight vectors and two chains per head (8 heads fit only in 32 registers), accumulation four
+// vectors per head.
+template <int Most, class F>
+int dispatch_heads(int heads, F&& f) {
+  if constexpr (Most >= 8 && simd::width == 16)
     if (heads >= 8) return f(std::integral_constant<int, 8>{}), 8;
   if (heads >= 4) return f(std::integral_constant<int, 4>{}), 4;
   if (heads >= 2) return f(std::integral_constant<int, 2>{}), 2;
@@ -336,7 +326,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       }
       if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
-          first += dispatch_score_heads(heads - first, [&](auto chunk) {
+          first += dispatch_heads<8>(heads - first, [&](auto chunk) {
             score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
                                                         scores + first, first == 0 ? next_k : nullptr);
           });
@@ -385,8 +375,8 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         scale_scores(scores, heads, rows, v_scale);
       }
       if constexpr (use_simd<HeadDim>) {
-        for (int first = 0; first < heads; first += 4)  // V tile stays in L1 across the chunks
-          dispatch_heads(std::min(4, heads - first), [&](auto chunk) {
+        for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
+          first += dispatch_heads<4>(heads - first, [&](auto chunk) {
             accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
                                                              acc + static_cast<std::size_t>(first) * HeadDim,
                                                              first == 0 ? next_v : nullptr);
