@@ -13,7 +13,6 @@ namespace kvcache::testing {
 namespace {
 
 constexpr int group = int4::group_tokens;
-constexpr double kernel_bound = 1e-5;
 
 // What an int4 cache holds for one layer of a sequence whose rows ([position][kv_head][head_dim])
 // are `rows`: whole groups of 32 positions quantized (K per channel over the group, V per row),
@@ -187,7 +186,7 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
           }
         }
       }
-      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng, kernel_bound);
+      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng, kernel_bound<int4x2>(head_dim));
     }
 }
 
@@ -244,7 +243,7 @@ TEST(Int4Cache, HadamardRotatedRowsAttendLikeTheirReference) {
   const auto q = random_values(rng, 4 * 8 * 64, 0.3f);
   std::vector<float> out(q.size());
   attention::prefill(cache, 0, seq, q, out, {.scale = static_cast<float>(scale)});
-  EXPECT_LE(relative_error(out, oracle_attention(shape, k_stored, v_stored, length, q, 4, {}, scale)), kernel_bound);
+  EXPECT_LE(relative_error(out, oracle_attention(shape, k_stored, v_stored, length, q, 4, {}, scale)), kernel_bound<int4x2>(64));
 }
 
 // Published blocks hold whole quantized groups: a sequence that shares them and appends the
@@ -392,7 +391,7 @@ TYPED_TEST(Int4CacheTest, RandomOperationsMatchModel) {
       const auto expected = oracle_attention(shape, int4_stored(seq.k[1], 0, seq.length(), 2, 8),
                                              int4_stored(seq.v[1], 1, seq.length(), 2, 8), seq.length(), q, 1, mask,
                                              1.0 / std::sqrt(8.0));
-      EXPECT_LE(relative_error(out, expected), kernel_bound);
+      EXPECT_LE(relative_error(out, expected), kernel_bound<int4x2>(8));
       ++checks;
     }
   }

@@ -10,8 +10,6 @@
 namespace kvcache::testing {
 namespace {
 
-constexpr double kernel_bound = 1e-5;
-
 template <class C>
 class QuantizedAttentionTest : public ::testing::Test {};
 using QuantizedConfigs = ::testing::Types<
@@ -65,7 +63,8 @@ TYPED_TEST(QuantizedAttentionTest, AttentionEqualsTheOracleOnDequantizedValues) 
         k_stored.push_back(stored<DType>(k[i], head_dim));
         v_stored.push_back(stored<DType>(v[i], head_dim));
       }
-      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng, kernel_bound);
+      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng,
+                                    kernel_bound<typename DType::storage_type>(head_dim));
     }
 }
 

@@ -6,7 +6,9 @@
 // and fp8 codes, whose per-row scales then multiply the scores of K rows and the weights of V
 // rows; int4 codes, whose key group's channel scales and minima are folded into the query and a
 // bias once per group, and whose value minima into one sum per tile) and never stored; the per-row
-// partial dot products are summed by one transposing reduction. Scores are folded into an
+// partial dot products are summed by one transposing reduction. With AVX-512 VNNI, int8 and int4
+// keys are instead widened to 16-bit integers and dotted with queries rounded to 16-bit
+// integers (rounds_queries), 32 multiply-adds per instruction. Scores are folded into an
 // online softmax (fp32 state) a tile of about 4 KiB of K at a time, then each V row is read
 // once and accumulated for every head with the accumulators in registers. The next tile's rows
 // are prefetched one row per row computed. Work is split over (sequence, kv-head) and over token
@@ -24,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <span>
 #include <utility>
@@ -141,7 +144,7 @@ void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc) {
 // is converted to fp32 in registers, a few vectors at a time, and multiplied into every head
 // (queries are read from L1), so a row is loaded once per Heads heads and never stored; the
 // per-row partial dot products of simd::width rows are summed by one transposing reduction
-// per head.
+// per head. Scores past `rows`, up to the next multiple of simd::width, are overwritten too.
 template <int HeadDim, int Heads, class Storage>
 void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], const Storage* prefetch) {
   {
@@ -168,11 +171,7 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
         }
         for (int h = 0; h < Heads; ++h) partial[h][r] = simd::add(even[h], odd[h]);
       }
-      for (int h = 0; h < Heads; ++h) {
-        alignas(64) float sums[width];
-        simd::store(sums, simd::sum_each(partial[h]));
-        for (int r = 0; r < count; ++r) scores[h][first + r] = sums[r];
-      }
+      for (int h = 0; h < Heads; ++h) simd::store(scores[h] + first, simd::sum_each(partial[h]));
     }
   }
 }
@@ -203,6 +202,49 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
   }
 }
 
+#if defined(KVCACHE_SIMD_INTEGER_DOT)
+// As score_rows, for integer codes (int8, int4) against queries rounded to 16-bit words
+// (round_queries): each row's codes widen to words in registers and are dotted with every
+// head's words by integer multiply-adds, summed exactly in 32-bit lanes (at most
+// 256 * 127 * 32767 < 2^31), then scaled by the head's `unit` (the value of one query step).
+//   q: [Heads][HeadDim] words in the order simd::load_words gives the codes
+template <int HeadDim, int Heads, class Storage>
+void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit,
+                        float (*scores)[tile_rows], const Storage* prefetch) {
+  constexpr int width = simd::width, vectors = HeadDim / simd::word_width, units = elements_per_unit<Storage>;
+  static_assert(vectors % 2 == 0, "two multiply-add chains per head");
+  for (int first = 0; first < rows; first += width) {
+    const int count = std::min(width, rows - first);
+    simd::ints partial[Heads][width];
+    for (int r = 0; r < width; ++r) {
+      simd::ints even[Heads], odd[Heads];
+      for (int h = 0; h < Heads; ++h) even[h] = odd[h] = simd::zero_ints();
+      if (r < count) {
+        const Storage* row = k + (first + r) * HeadDim / units;
+        prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim / units);
+        simd::words key[vectors];
+        for (int j = 0; j < vectors; j += 2) {
+          if constexpr (std::same_as<Storage, int4x2>) {
+            simd::load_words(row + j * simd::word_width / 2, key[j], key[j + 1]);
+          } else {
+            key[j] = simd::load_words(row + j * simd::word_width);
+            key[j + 1] = simd::load_words(row + (j + 1) * simd::word_width);
+          }
+        }
+        for (int h = 0; h < Heads; ++h)
+          for (int j = 0; j < vectors; j += 2) {
+            even[h] = simd::dot_add(even[h], simd::load_words(q + h * HeadDim + j * simd::word_width), key[j]);
+            odd[h] = simd::dot_add(odd[h], simd::load_words(q + h * HeadDim + (j + 1) * simd::word_width), key[j + 1]);
+          }
+      }
+      for (int h = 0; h < Heads; ++h) partial[h][r] = simd::add(even[h], odd[h]);
+    }
+    for (int h = 0; h < Heads; ++h)
+      simd::store(scores[h] + first, simd::mul(simd::sum_each_to_float(partial[h]), simd::broadcast(unit[h])));
+  }
+}
+#endif
+
 #else  // no SIMD: declared for the discarded branches of accumulate(), never instantiated
 
 template <int HeadDim>
@@ -212,6 +254,41 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, const Storage* prefetch);
 
+#endif
+
+#if !defined(KVCACHE_SIMD_INTEGER_DOT)  // declared for the discarded branches, never instantiated
+template <int HeadDim, int Heads, class Storage>
+void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit,
+                        float (*scores)[tile_rows], const Storage* prefetch);
+#endif
+
+// Codes scored with integer multiply-adds (AVX-512 VNNI) against queries rounded to 16-bit
+// integers: int8 and int4 keys (rounds_queries below says what the rounding costs).
+template <class Storage>
+inline constexpr bool integer_scoring =
+#if defined(KVCACHE_SIMD_INTEGER_DOT)
+    std::same_as<Storage, std::int8_t> || std::same_as<Storage, int4x2>;
+#else
+    false;
+#endif
+
+#if defined(KVCACHE_SIMD_INTEGER_DOT)
+// words[h] = round(q_h / unit[h]), unit[h] = max|q_h| / 32767, in the order in which
+// simd::load_words gives Storage's codes.
+//   q, words: [heads][head_dim], head_dim a multiple of 64
+template <class Storage>
+void round_queries(const float* q, int heads, int head_dim, std::int16_t* words, float* unit) {
+  constexpr float top_word = 32767.0f;
+  for (int h = 0; h < heads; ++h) {
+    const float* row = q + static_cast<std::size_t>(h) * head_dim;
+    simd::floats top = simd::zero();
+    for (int d = 0; d < head_dim; d += simd::width) top = simd::max(top, simd::abs(simd::load(row + d)));
+    const float absmax = simd::max(top);
+    unit[h] = absmax / top_word;
+    simd::round_to_words(row, head_dim, absmax > 0.0f ? top_word / absmax : 0.0f, std::same_as<Storage, int4x2>,
+                         words + static_cast<std::size_t>(h) * head_dim);
+  }
+}
 #endif
 
 // row[d] = the stored value (the code, for quantized types) of element d, as fp32.
@@ -254,11 +331,13 @@ inline void scale_weights(float (*weights)[tile_rows], int heads, int rows, cons
 // Floats aligned for the widest SIMD register the build uses.
 using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
 
-// Per-thread room for the group-scaled queries of a pass ([heads][head_dim]); only grows.
-inline float* group_query_scratch(std::size_t floats) {
-  thread_local AlignedFloats scratch;
-  if (scratch.size() < floats) scratch.resize(floats);
-  return scratch.data();
+// Per-thread room for `count` T, 64-byte aligned, one buffer per T (floats: the group-scaled
+// queries of a pass; words: the rounded queries of integer scoring); only grows.
+template <class T>
+T* thread_buffer(std::size_t count) {
+  thread_local std::vector<T, Eigen::aligned_allocator<T>> buffer;
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer.data();
 }
 
 // scores[h][r] *= scale[r] for every head of a tile.
@@ -292,6 +371,8 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   float* q_group = nullptr;  // group-quantized keys: q * the group's channel scales
   alignas(64) float bias[heads_per_pass];
   const float* scaled_group = nullptr;  // the parameters q_group and bias were made with
+  std::int16_t* q_words = nullptr;       // integer scoring: q (or q_group) rounded to words
+  alignas(64) float q_unit[heads_per_pass];
   // Segments of the cache's storage, or the full-precision residual rows of group-quantized
   // types (S = float).
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
@@ -319,12 +400,29 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       if constexpr (group_quantized) {
         const int group = tile / view.group_tokens - segment.first_position / view.group_tokens;
         const float* params = segment.k_scale + (static_cast<std::size_t>(kv_head) * groups_per_page + group) * 2 * head_dim;
-        if (q_group == nullptr) q_group = group_query_scratch(static_cast<std::size_t>(heads_per_pass) * head_dim);
-        if (params != scaled_group) scale_queries(q, heads, head_dim, params, q_group, bias);  // a group spans tiles
+        if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+        if (params != scaled_group) {  // a group spans tiles
+          scale_queries(q, heads, head_dim, params, q_group, bias);
+          if constexpr (use_simd<HeadDim> && integer_scoring<S>) {
+            if (q_words == nullptr) q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+            round_queries<S>(q_group, heads, head_dim, q_words, q_unit);
+          }
+        }
         scaled_group = params;
         q_tile = q_group;
+      } else if constexpr (use_simd<HeadDim> && integer_scoring<S>) {
+        if (q_words == nullptr) {
+          q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+          round_queries<S>(q, heads, head_dim, q_words, q_unit);
+        }
       }
-      if constexpr (use_simd<HeadDim>) {
+      if constexpr (use_simd<HeadDim> && integer_scoring<S>) {
+        for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
+          first += dispatch_heads<8>(heads - first, [&](auto chunk) {
+            score_rows_integer<HeadDim, decltype(chunk)::value>(k, rows, q_words + static_cast<std::size_t>(first) * HeadDim,
+                                                                q_unit + first, scores + first, first == 0 ? next_k : nullptr);
+          });
+      } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
           first += dispatch_heads<8>(heads - first, [&](auto chunk) {
             score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
@@ -579,6 +677,18 @@ inline void add_tasks(std::vector<Task>& tasks, int view, int kv_heads, int grou
 }
 
 }  // namespace detail
+
+// Whether the kernels score keys stored as Storage, at this head_dim, with integer multiply-adds
+// against queries rounded to 16-bit integers per head (int8 and int4 keys with AVX-512 VNNI, at
+// the fast head sizes). Their results then differ from exact attention on the stored values by
+// that rounding too: a score moves by at most max|q_h| / 65534 times the sum of |key codes|
+// (times the key's scale), about 2^-16 of the largest possible score.
+template <class Storage>
+bool rounds_queries(int head_dim) {
+  return dispatch_head_dim(head_dim, [](auto head_dim_constant) {
+    return detail::use_simd<decltype(head_dim_constant)::value> && detail::integer_scoring<Storage>;
+  });
+}
 
 // Attention of the newest position of each view (one decode step for a batch of sequences).
 //   q, out: [views.size()][q_heads][head_dim] of float, Eigen::half or Eigen::bfloat16

@@ -1,6 +1,7 @@
 // The few SIMD operations the CPU kernels need, for AVX-512 and AVX2 (+FMA, F16C), with
-// f16, bf16, int8, fp8 and int4 codes converted to fp32 in registers as they are loaded. Without either instruction
-// set `simd::width` is 0 and the kernels take their portable Eigen path.
+// f16, bf16, int8, fp8 and int4 codes converted to fp32 in registers as they are loaded, and,
+// with AVX-512 VNNI, int8 and int4 codes widened to 16-bit words for integer dot products.
+// Without either instruction set `simd::width` is 0 and the kernels take their portable Eigen path.
 #pragma once
 
 #include <Eigen/Core>
@@ -41,12 +42,11 @@ inline floats load(const fp8_e5m2_code* p) {  // E5M2 is the upper byte of an f1
   return _mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8));
 }
 // E4M3's exponent and mantissa moved into an f16's are the value times 2^-8, subnormals too
-// (codes are never NaN in a cache: quantization stores NaN as 0).
+// (codes are never NaN in a cache: quantization stores NaN as 0). A sign-extended code shifted
+// left by 7 has them in place and the sign in bits 15 and 14; bit 14 is cleared.
 inline floats load(const fp8_e4m3_code* p) {
-  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8);
-  const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7F)), 7);
-  return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, magnitude)), _mm512_set1_ps(256.0f));
+  const __m256i words = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 7);
+  return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_and_si256(words, _mm256_set1_epi16(~0x4000))), _mm512_set1_ps(256.0f));
 }
 // Bytes b0 b1 ... as 16-bit lanes -> bytes (b0 & 15) (b0 >> 4) (b1 & 15) ...: the int4 codes in order.
 inline __m128i unpack_nibbles(__m128i byte_lanes) {
@@ -65,6 +65,7 @@ inline floats mul(floats a, floats b) { return _mm512_mul_ps(a, b); }
 inline float sum(floats v) { return _mm512_reduce_add_ps(v); }
 inline floats max(floats a, floats b) { return _mm512_max_ps(a, b); }
 inline float max(floats v) { return _mm512_reduce_max_ps(v); }
+inline floats abs(floats v) { return _mm512_abs_ps(v); }
 inline floats sub(floats a, floats b) { return _mm512_sub_ps(a, b); }
 inline floats round(floats v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline floats times_two_to(floats y, floats n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
@@ -72,24 +73,86 @@ inline floats zero_below(floats y, floats x, float limit) {  // y where x >= lim
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_GE_OQ), y);
 }
 
-// Lane r of the result is the sum of the lanes of v[r], for width vectors: a transposing
-// reduction tree, 4 shuffle levels for 16 sums instead of 16 separate reductions.
-inline floats sum_each(const floats* v) {
+// Lane r of the result is add-reduction of the lanes of v[r], for width vectors: a transposing
+// reduction tree, 4 shuffle levels for 16 sums instead of 16 separate reductions. `add` sees
+// the lanes as floats; integer lanes pass through it bit for bit.
+template <class Add>
+inline floats reduce_each(const floats* v, Add add) {
   floats halves[8], quarters[4], eighths[2];
   for (int i = 0; i < 8; ++i)  // 128-bit blocks 0,1 of v[i] + blocks 2,3, beside those of v[i + 8]
-    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    halves[i] = add(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
   for (int i = 0; i < 4; ++i)
-    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[i], halves[i + 4], 0x88),
-                                _mm512_shuffle_f32x4(halves[i], halves[i + 4], 0xDD));
+    quarters[i] = add(_mm512_shuffle_f32x4(halves[i], halves[i + 4], 0x88),
+                      _mm512_shuffle_f32x4(halves[i], halves[i + 4], 0xDD));
   for (int i = 0; i < 2; ++i)
-    eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[i], quarters[i + 2], 0x44),
-                               _mm512_shuffle_ps(quarters[i], quarters[i + 2], 0xEE));
-  const floats sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
-                                    _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+    eighths[i] = add(_mm512_shuffle_ps(quarters[i], quarters[i + 2], 0x44),
+                     _mm512_shuffle_ps(quarters[i], quarters[i + 2], 0xEE));
+  const floats sums = add(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88), _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
   // The tree leaves the sum of v[r] in lane order[r]; the order is its own inverse.
   const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
   return _mm512_permutexvar_ps(order, sums);
 }
+inline floats sum_each(const floats* v) { return reduce_each(v, [](floats a, floats b) { return _mm512_add_ps(a, b); }); }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Integer dot products (VNNI) for integer codes: 16-bit words multiplied in adjacent pairs and
+// summed into 32-bit lanes, 32 products per instruction where an fp32 FMA makes 16, and codes
+// widen to words in one instruction where fp32 takes two or more.
+#define KVCACHE_SIMD_INTEGER_DOT 1
+inline constexpr int word_width = 32;  // 16-bit words per register
+using words = __m512i;
+using ints = __m512i;  // 16 int32 lanes
+
+inline words load_words(const std::int16_t* p) { return _mm512_loadu_si512(p); }
+// 32 int8 codes as words, in order.
+inline words load_words(const std::int8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// 64 int4 codes (32 bytes) as two vectors of words: `even` the codes of elements 0, 2, ..., 62,
+// `odd` those of 1, 3, ..., 63. Queries dotted with them must be in the same order.
+inline void load_words(const int4x2* p, words& even, words& odd) {
+  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  even = _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
+  odd = _mm512_srli_epi16(bytes, 4);
+}
+inline ints zero_ints() { return _mm512_setzero_si512(); }
+inline ints add(ints a, ints b) { return _mm512_add_epi32(a, b); }
+inline ints dot_add(ints sums, words a, words b) { return _mm512_dpwssd_epi32(sums, a, b); }
+
+// Lane r of the result is the sum of the int32 lanes of v[r], for width vectors, as a float.
+inline floats sum_each_to_float(const ints* v) {
+  floats lanes[16];
+  for (int i = 0; i < 16; ++i) lanes[i] = _mm512_castsi512_ps(v[i]);
+  const floats sums = reduce_each(lanes, [](floats a, floats b) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  });
+  return _mm512_cvtepi32_ps(_mm512_castps_si512(sums));
+}
+
+// Rounds `count` floats times `factor` to words at `out` (ties to even, saturating; count a
+// multiple of 16). With `deinterleave` (count a multiple of 64), each 64 values go out as their
+// even elements, then their odd ones (the order load_words gives int4 codes).
+inline void round_to_words(const float* in, int count, float factor, bool deinterleave, std::int16_t* out) {
+  const floats times = _mm512_set1_ps(factor);
+  auto rounded = [&](int at) { return _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + at), times)); };
+  auto store = [&](int at, __m512i lanes) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), _mm512_cvtsepi32_epi16(lanes));
+  };
+  if (!deinterleave) {
+    for (int at = 0; at < count; at += 16) store(at, rounded(at));
+    return;
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int at = 0; at < count; at += 64) {
+    const __m512i a = rounded(at), b = rounded(at + 16), c = rounded(at + 32), d = rounded(at + 48);
+    store(at, _mm512_permutex2var_epi32(a, even, b));
+    store(at + 16, _mm512_permutex2var_epi32(c, even, d));
+    store(at + 32, _mm512_permutex2var_epi32(a, odd, b));
+    store(at + 48, _mm512_permutex2var_epi32(c, odd, d));
+  }
+}
+#endif
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
@@ -112,12 +175,11 @@ inline floats load(const fp8_e5m2_code* p) {  // E5M2 is the upper byte of an f1
   return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 8));
 }
 // E4M3's exponent and mantissa moved into an f16's are the value times 2^-8, subnormals too
-// (codes are never NaN in a cache: quantization stores NaN as 0).
+// (codes are never NaN in a cache: quantization stores NaN as 0). A sign-extended code shifted
+// left by 7 has them in place and the sign in bits 15 and 14; bit 14 is cleared.
 inline floats load(const fp8_e4m3_code* p) {
-  const __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m128i sign = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x80)), 8);
-  const __m128i magnitude = _mm_slli_epi16(_mm_and_si128(bytes, _mm_set1_epi16(0x7F)), 7);
-  return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, magnitude)), _mm256_set1_ps(256.0f));
+  const __m128i words = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 7);
+  return _mm256_mul_ps(_mm256_cvtph_ps(_mm_and_si128(words, _mm_set1_epi16(~0x4000))), _mm256_set1_ps(256.0f));
 }
 // Bytes b0 b1 ... as 16-bit lanes -> bytes (b0 & 15) (b0 >> 4) (b1 & 15) ...: the int4 codes in order.
 inline __m128i unpack_nibbles(__m128i byte_lanes) {

@@ -1,0 +1,172 @@
+// The CPU kernels' SIMD conversions (detail/simd.hpp) against the scalar definitions: every
+// code of every stored type decodes to the same float, and the integer-scoring helpers (VNNI
+// builds) give the words, orders and exact sums the kernels assume. Built for whatever
+// instruction set the tests are compiled for (AVX-512, AVX2, or none: then nothing to check).
+#include <kvcache/detail/simd.hpp>
+#include <kvcache/dtype/float.hpp>
+#include <kvcache/dtype/fp8.hpp>
+#include <kvcache/dtype/int4.hpp>
+#include <kvcache/dtype/int8.hpp>
+
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace kvcache {
+namespace {
+
+#if KVCACHE_SIMD_WIDTH > 0
+namespace simd = detail::simd;
+constexpr int width = simd::width;
+
+std::vector<float> lanes(simd::floats v) {
+  std::vector<float> out(width);
+  simd::store(out.data(), v);
+  return out;
+}
+
+// Bit-equal, or both NaN.
+void expect_same(float actual, float expected, int code) {
+  if (std::isnan(expected))
+    EXPECT_TRUE(std::isnan(actual)) << "code " << code;
+  else
+    EXPECT_EQ(std::bit_cast<std::uint32_t>(actual), std::bit_cast<std::uint32_t>(expected))
+        << "code " << code << ": " << actual << " vs " << expected;
+}
+
+// Loads every one of `count` codes, width at a time, and compares each with to_float.
+template <class Code>
+void expect_every_code_decodes(const std::vector<Code>& codes) {
+  for (std::size_t first = 0; first < codes.size(); first += width) {
+    const std::vector<float> loaded = lanes(simd::load(codes.data() + first));
+    for (int i = 0; i < width; ++i)
+      expect_same(loaded[i], to_float(codes[first + i]), static_cast<int>(first) + i);
+  }
+}
+
+TEST(Simd, EveryEightBitCodeDecodesAsTheScalarPathDoes) {
+  std::vector<std::int8_t> int8_codes;
+  std::vector<fp8_e5m2_code> e5m2_codes;
+  std::vector<fp8_e4m3_code> e4m3_codes;
+  for (int code = 0; code < 256; ++code) {
+    int8_codes.push_back(static_cast<std::int8_t>(code));
+    e5m2_codes.push_back({static_cast<std::uint8_t>(code)});  // inf and NaN included
+    // E4M3's NaN codes (S.1111.111) never reach a cache (NaN is stored as 0); the loader skips them.
+    e4m3_codes.push_back({static_cast<std::uint8_t>((code & 0x7F) == 0x7F ? 0 : code)});
+  }
+  expect_every_code_decodes(int8_codes);
+  expect_every_code_decodes(e5m2_codes);
+  expect_every_code_decodes(e4m3_codes);
+}
+
+TEST(Simd, EverySixteenBitFloatDecodesExactly) {
+  std::vector<Eigen::half> halves;
+  std::vector<Eigen::bfloat16> bfloats;
+  for (int bits = 0; bits < 65536; ++bits) {
+    halves.push_back(Eigen::numext::bit_cast<Eigen::half>(static_cast<std::uint16_t>(bits)));
+    bfloats.push_back(Eigen::numext::bit_cast<Eigen::bfloat16>(static_cast<std::uint16_t>(bits)));
+  }
+  expect_every_code_decodes(halves);
+  expect_every_code_decodes(bfloats);
+}
+
+TEST(Simd, Int4CodesComeOutInElementOrder) {
+  std::vector<int4x2> packed;
+  for (int byte = 0; byte < 256; ++byte) packed.push_back({static_cast<std::uint8_t>(byte)});
+  for (std::size_t first = 0; first < packed.size(); first += width / 2) {
+    const std::vector<float> loaded = lanes(simd::load(packed.data() + first));
+    for (int d = 0; d < width; ++d)
+      EXPECT_EQ(loaded[d], int4_code_at(packed.data() + first, d)) << "byte " << first + d / 2 << ", nibble " << d % 2;
+  }
+}
+
+#if defined(KVCACHE_SIMD_INTEGER_DOT)
+constexpr int word_width = simd::word_width;
+
+std::vector<std::int16_t> word_lanes(simd::words v) {
+  std::vector<std::int16_t> out(word_width);
+  std::memcpy(out.data(), &v, sizeof v);
+  return out;
+}
+
+TEST(SimdIntegerDot, CodesWidenToWordsInTheDocumentedOrder) {
+  std::vector<std::int8_t> int8_codes;
+  for (int code = 0; code < 256; ++code) int8_codes.push_back(static_cast<std::int8_t>(code));
+  for (int first = 0; first < 256; first += word_width) {
+    const auto words = word_lanes(simd::load_words(int8_codes.data() + first));
+    for (int i = 0; i < word_width; ++i) EXPECT_EQ(words[i], int8_codes[first + i]);
+  }
+  std::vector<int4x2> packed;
+  for (int byte = 0; byte < 256; ++byte) packed.push_back({static_cast<std::uint8_t>(byte * 7 + 3)});
+  for (int first = 0; first < 256; first += word_width) {  // 64 codes from 32 bytes
+    simd::words even, odd;
+    simd::load_words(packed.data() + first, even, odd);
+    const auto even_words = word_lanes(even), odd_words = word_lanes(odd);
+    for (int i = 0; i < word_width; ++i) {
+      EXPECT_EQ(even_words[i], int4_code_at(packed.data() + first, 2 * i));
+      EXPECT_EQ(odd_words[i], int4_code_at(packed.data() + first, 2 * i + 1));
+    }
+  }
+}
+
+TEST(SimdIntegerDot, RoundsToWordsAndDeinterleaves) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> values(128);
+  for (float& x : values) x = uniform(rng);
+  values[5] = 1.0f, values[6] = -1.0f, values[7] = 0.5f / 32767.0f;  // extremes and a tie
+  const float factor = 32767.0f;
+  auto rounded = [&](int d) { return static_cast<std::int16_t>(std::nearbyint(values[d] * factor)); };
+  std::vector<std::int16_t> words(128);
+  simd::round_to_words(values.data(), 128, factor, false, words.data());
+  for (int d = 0; d < 128; ++d) EXPECT_EQ(words[d], rounded(d)) << "element " << d;
+  simd::round_to_words(values.data(), 128, factor, true, words.data());
+  for (int block = 0; block < 128; block += 64)
+    for (int i = 0; i < 32; ++i) {
+      EXPECT_EQ(words[block + i], rounded(block + 2 * i)) << "even element " << block + 2 * i;
+      EXPECT_EQ(words[block + 32 + i], rounded(block + 2 * i + 1)) << "odd element " << block + 2 * i + 1;
+    }
+  std::vector<float> beyond(32, 2.0f);  // saturates instead of wrapping
+  simd::round_to_words(beyond.data(), 32, factor, false, words.data());
+  EXPECT_EQ(words[0], 32767);
+}
+
+// The kernels' largest sums: 256 elements of extreme words times extreme int8 codes (rows 0
+// and 1), and random ones, summed exactly in 32-bit lanes by the multiply-adds and the
+// transposing reduction of 16 rows, then rounded to float once.
+TEST(SimdIntegerDot, MultiplyAddsSumExactly) {
+  std::mt19937 rng(4);
+  std::uniform_int_distribution<int> code(-127, 127), sign(0, 1);
+  std::vector<std::int16_t> q(256);
+  std::vector<std::int8_t> k(16 * 256);
+  for (auto& x : k) x = static_cast<std::int8_t>(code(rng));
+  for (int d = 0; d < 256; ++d) {
+    q[d] = static_cast<std::int16_t>(sign(rng) ? 32767 : -32767);
+    k[d] = static_cast<std::int8_t>(q[d] > 0 ? 127 : -127);
+    k[256 + d] = static_cast<std::int8_t>(-k[d]);
+  }
+  simd::ints rows[16];
+  std::vector<std::int64_t> expected(16, 0);
+  for (int r = 0; r < 16; ++r) {
+    rows[r] = simd::zero_ints();
+    for (int j = 0; j < 256; j += word_width)
+      rows[r] = simd::dot_add(rows[r], simd::load_words(q.data() + j), simd::load_words(k.data() + r * 256 + j));
+    for (int d = 0; d < 256; ++d) expected[r] += std::int64_t{q[d]} * k[r * 256 + d];
+  }
+  ASSERT_EQ(expected[0], 256 * 32767 * 127);
+  const std::vector<float> sums = lanes(simd::sum_each_to_float(rows));
+  for (int r = 0; r < 16; ++r) EXPECT_EQ(sums[r], static_cast<float>(expected[r])) << "row " << r;
+}
+#endif
+
+#else
+TEST(Simd, NotBuiltForThisTarget) { GTEST_SKIP() << "no AVX-512 or AVX2 + FMA + F16C"; }
+#endif
+
+}  // namespace
+}  // namespace kvcache
