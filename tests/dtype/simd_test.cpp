@@ -85,6 +85,19 @@ TEST(Simd, Int4CodesComeOutInElementOrder) {
   }
 }
 
+TEST(Simd, BlockLoadsEqualSingleLoads) {
+  std::vector<int4x2> packed;
+  for (int byte = 0; byte < 256; ++byte) packed.push_back({static_cast<std::uint8_t>(byte * 37 + 11)});
+  for (std::size_t first = 0; first + 2 * width <= packed.size(); first += 2 * width) {  // 4 vectors of codes
+    simd::floats block[4];
+    simd::load_vectors(packed.data() + first, block);
+    for (int i = 0; i < 4; ++i) {
+      const std::vector<float> single = lanes(simd::load(packed.data() + first + i * width / 2)), got = lanes(block[i]);
+      for (int d = 0; d < width; ++d) EXPECT_EQ(got[d], single[d]) << "byte " << first << ", vector " << i << ", lane " << d;
+    }
+  }
+}
+
 #if defined(KVCACHE_SIMD_INTEGER_DOT)
 constexpr int word_width = simd::word_width;
 

@@ -190,7 +190,7 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
       for (int r = 0; r < rows; ++r) {
         if (j == 0) prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + r * HeadDim / units);
         simd::floats value[step];
-        for (int i = 0; i < step; ++i) value[i] = simd::load(v + (r * HeadDim + (j + i) * simd::width) / units);
+        simd::load_vectors(v + (r * HeadDim + j * simd::width) / units, value);
         for (int h = 0; h < Heads; ++h) {
           const simd::floats weight = simd::broadcast(p[h][r]);
           for (int i = 0; i < step; ++i) sums[h][i] = simd::fma(weight, value[i], sums[h][i]);
@@ -206,11 +206,13 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 // As score_rows, for integer codes (int8, int4) against queries rounded to 16-bit words
 // (round_queries): each row's codes widen to words in registers and are dotted with every
 // head's words by integer multiply-adds, summed exactly in 32-bit lanes (at most
-// 256 * 127 * 32767 < 2^31), then scaled by the head's `unit` (the value of one query step).
+// 256 * 127 * 32767 < 2^31), then scaled by the head's `unit` (the value of one query step)
+// and, where given, by the row's scale and offset by the head's bias.
 //   q: [Heads][HeadDim] words in the order simd::load_words gives the codes
+//   row_scale: [rows] or null; bias: [Heads] or null
 template <int HeadDim, int Heads, class Storage>
-void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit,
-                        float (*scores)[tile_rows], const Storage* prefetch) {
+void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
+                        const float* bias, float (*scores)[tile_rows], const Storage* prefetch) {
   constexpr int width = simd::width, vectors = HeadDim / simd::word_width, units = elements_per_unit<Storage>;
   static_assert(vectors % 2 == 0, "two multiply-add chains per head");
   for (int first = 0; first < rows; first += width) {
@@ -239,8 +241,10 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
       }
       for (int h = 0; h < Heads; ++h) partial[h][r] = simd::add(even[h], odd[h]);
     }
+    const simd::floats scale = row_scale == nullptr ? simd::broadcast(1.0f) : simd::load_first(row_scale + first, count);
     for (int h = 0; h < Heads; ++h)
-      simd::store(scores[h] + first, simd::mul(simd::sum_each_to_float(partial[h]), simd::broadcast(unit[h])));
+      simd::store(scores[h] + first, simd::fma(simd::mul(simd::sum_each_to_float(partial[h]), scale), simd::broadcast(unit[h]),
+                                               simd::broadcast(bias == nullptr ? 0.0f : bias[h])));
   }
 }
 #endif
@@ -258,8 +262,8 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 
 #if !defined(KVCACHE_SIMD_INTEGER_DOT)  // declared for the discarded branches, never instantiated
 template <int HeadDim, int Heads, class Storage>
-void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit,
-                        float (*scores)[tile_rows], const Storage* prefetch);
+void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
+                        const float* bias, float (*scores)[tile_rows], const Storage* prefetch);
 #endif
 
 // Codes scored with integer multiply-adds (AVX-512 VNNI) against queries rounded to 16-bit
@@ -396,6 +400,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         next_k = next_v = nullptr;
         if constexpr (std::same_as<S, Storage>) next_k = following.first, next_v = following.second;
       }
+      constexpr bool integer = use_simd<HeadDim> && integer_scoring<S>;  // scales and bias applied in scoring
       const float* q_tile = q;
       if constexpr (group_quantized) {
         const int group = tile / view.group_tokens - segment.first_position / view.group_tokens;
@@ -403,24 +408,33 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
         if (params != scaled_group) {  // a group spans tiles
           scale_queries(q, heads, head_dim, params, q_group, bias);
-          if constexpr (use_simd<HeadDim> && integer_scoring<S>) {
+          if constexpr (integer) {
             if (q_words == nullptr) q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
             round_queries<S>(q_group, heads, head_dim, q_words, q_unit);
           }
         }
         scaled_group = params;
         q_tile = q_group;
-      } else if constexpr (use_simd<HeadDim> && integer_scoring<S>) {
+      } else if constexpr (integer) {
         if (q_words == nullptr) {
           q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
           round_queries<S>(q, heads, head_dim, q_words, q_unit);
         }
       }
-      if constexpr (use_simd<HeadDim> && integer_scoring<S>) {
+      // Quantized rows: the scale of a K row multiplies its scores, that of a V row its weights.
+      const float *k_scale = nullptr, *v_scale = nullptr;
+      if (!group_quantized && segment.k_scale != nullptr) {
+        const std::size_t scale_offset = static_cast<std::size_t>(kv_head) * (segment.head_stride / head_dim) +
+                                         static_cast<std::size_t>(tile - segment.first_position);
+        k_scale = segment.k_scale + scale_offset;
+        v_scale = segment.v_scale + scale_offset;
+      }
+      if constexpr (integer) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
           first += dispatch_heads<8>(heads - first, [&](auto chunk) {
-            score_rows_integer<HeadDim, decltype(chunk)::value>(k, rows, q_words + static_cast<std::size_t>(first) * HeadDim,
-                                                                q_unit + first, scores + first, first == 0 ? next_k : nullptr);
+            score_rows_integer<HeadDim, decltype(chunk)::value>(
+                k, rows, q_words + static_cast<std::size_t>(first) * HeadDim, q_unit + first, k_scale,
+                group_quantized ? bias + first : nullptr, scores + first, first == 0 ? next_k : nullptr);
           });
       } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
@@ -437,16 +451,11 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
             scores[h][r] = Eigen::Map<const Row>(q_tile + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
         }
       }
-      // Quantized rows: the scale of a K row multiplies its scores, that of a V row its weights.
-      const float* v_scale = nullptr;
-      if constexpr (group_quantized) {
-        for (int h = 0; h < heads; ++h)
-          for (int r = 0; r < rows; ++r) scores[h][r] += bias[h];
-      } else if (segment.k_scale != nullptr) {
-        const std::size_t scale_offset = static_cast<std::size_t>(kv_head) * (segment.head_stride / head_dim) +
-                                         static_cast<std::size_t>(tile - segment.first_position);
-        v_scale = segment.v_scale + scale_offset;
-        scale_scores(scores, heads, rows, segment.k_scale + scale_offset);
+      if constexpr (!integer) {
+        if constexpr (group_quantized)
+          for (int h = 0; h < heads; ++h)
+            for (int r = 0; r < rows; ++r) scores[h][r] += bias[h];
+        if (k_scale != nullptr) scale_scores(scores, heads, rows, k_scale);
       }
       for (int h = 0; h < heads; ++h) {
         if (soft_cap > 0.0f) {
