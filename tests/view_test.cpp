@@ -14,7 +14,7 @@ static_assert(std::is_trivially_copyable_v<SequenceView<Eigen::bfloat16>>);
 static_assert(std::is_trivially_copyable_v<Segment<Eigen::half>>);
 
 TEST(SequenceView, PagedSegmentsFollowTheBlockTable) {
-  float pool[4 * 2 * 3 * 1] = {};  // [block][kv_head][3 tokens][head_dim 1]
+  float pool[2 * 4 * 3 * 1] = {};  // [kv_head][4 blocks][3 tokens][head_dim 1]
   const std::int32_t blocks[] = {2, 0, 3};
   SequenceView<float> view;
   view.k_pool = view.v_pool = pool;
@@ -23,12 +23,13 @@ TEST(SequenceView, PagedSegmentsFollowTheBlockTable) {
   view.block_tokens = 3;
   view.kv_heads = 2;
   view.head_dim = 1;
+  view.pool_pages = 4;
   view.length = 7;
   ASSERT_EQ(view.segment_count(), 3);
-  EXPECT_EQ(view.segment(0).k, pool + 2 * 6);
+  EXPECT_EQ(view.segment(0).k, pool + 2 * 3);  // block 2 of kv-head 0
   EXPECT_EQ(view.segment(1).first_position, 3);
   EXPECT_EQ(view.segment(2).count, 1);  // positions 6..6 of block 3
-  EXPECT_EQ(view.segment(2).head_stride, 3u);
+  EXPECT_EQ(view.segment(2).head_stride, 4u * 3);  // kv-head 1's rows of every block come after kv-head 0's
 }
 
 TEST(SequenceView, WindowMaskKeepsSinksAndRecentPositions) {

@@ -42,10 +42,12 @@ struct SequenceView {
   Segment<Storage> direct[max_direct_segments] = {};
   int direct_count = 0;
 
-  // Paged storage: block i holds positions [i * block_tokens, (i + 1) * block_tokens).
-  const Storage* k_pool = nullptr;        // [num_blocks][kv_heads][block_tokens][head_dim]
+  // Paged storage: block i holds positions [i * block_tokens, (i + 1) * block_tokens). A pool
+  // keeps each kv-head's rows of every page together, so that a sequence whose blocks follow
+  // one another is one run of memory per kv-head.
+  const Storage* k_pool = nullptr;        // [kv_heads][pool_pages][block_tokens][head_dim]
   const Storage* v_pool = nullptr;        // same layout as k_pool
-  const float* k_scale_pool = nullptr;    // [num_blocks][kv_heads][block_tokens]; null: no scales
+  const float* k_scale_pool = nullptr;    // [kv_heads][pool_pages][block_tokens]; null: no scales
   const float* v_scale_pool = nullptr;    // same layout, of v
   const std::int32_t* block_ids = nullptr;  // [block_count] block of each run of positions
   int block_count = 0;
@@ -53,6 +55,7 @@ struct SequenceView {
 
   int kv_heads = 0;
   int head_dim = 0;
+  int pool_pages = 0;    // pages of the pool the rows are in (its kv-head stride, in pages)
   int length = 0;        // the sequence holds positions [0, length) (some may be evicted)
   // Masks: a query at position p sees keys at positions <= p; with window > 0 only those in
   // (p - window, p] and the sinks [0, sink_tokens).
@@ -74,9 +77,10 @@ struct SequenceView {
   KVCACHE_HOST_DEVICE Segment<Storage> segment(int i) const {
     if (i < direct_count) return direct[i];
     const int block = i - direct_count;
-    const std::size_t head_stride = static_cast<std::size_t>(block_tokens) * row_units();
-    const std::size_t page = static_cast<std::size_t>(block_ids[block]) * kv_heads;  // its kv-head 0
-    const std::size_t offset = page * head_stride;
+    const std::size_t page = static_cast<std::size_t>(block_ids[block]);
+    const std::size_t page_rows = static_cast<std::size_t>(block_tokens) * row_units();
+    const std::size_t head_stride = static_cast<std::size_t>(pool_pages) * page_rows;
+    const std::size_t offset = page * page_rows;  // its kv-head 0
     const int first = block * block_tokens;
     const int stored = length - residual.count;
     const int count = stored - first < block_tokens ? stored - first : block_tokens;

@@ -382,7 +382,8 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
     constexpr bool group_quantized = GroupQuantizedStorage<S>;
     const int units = head_dim / elements_per_unit<S>;  // storage units per row
-    const int groups_per_page = group_quantized ? static_cast<int>(segment.head_stride) / units / view.group_tokens : 0;
+    // K parameter groups from one kv-head's to the next (int4 keeps them per kv-head like the rows)
+    const std::size_t head_groups = group_quantized ? segment.head_stride / units / view.group_tokens : 0;
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;
     for (int tile = begin, rows = 0; tile < end; tile += rows) {
       rows = std::min(rows_per_tile(units * sizeof(S), heads), end - tile);
@@ -404,7 +405,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       const float* q_tile = q;
       if constexpr (group_quantized) {
         const int group = tile / view.group_tokens - segment.first_position / view.group_tokens;
-        const float* params = segment.k_scale + (static_cast<std::size_t>(kv_head) * groups_per_page + group) * 2 * head_dim;
+        const float* params = segment.k_scale + (kv_head * head_groups + group) * 2 * head_dim;
         if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
         if (params != scaled_group) {  // a group spans tiles
           scale_queries(q, heads, head_dim, params, q_group, bias);
@@ -475,7 +476,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       }
       alignas(64) float minimum_weight[heads_per_pass];
       if constexpr (group_quantized) {
-        const float* params = segment.v_scale + (static_cast<std::size_t>(kv_head) * groups_per_page * view.group_tokens +
+        const float* params = segment.v_scale + (kv_head * head_groups * view.group_tokens +
                                                  static_cast<std::size_t>(tile - segment.first_position)) * 2;
         scale_weights(scores, heads, rows, params, minimum_weight);
       } else if (v_scale != nullptr) {

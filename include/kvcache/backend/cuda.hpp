@@ -66,7 +66,7 @@ struct cuda {
   }
 
   // Writes rows.size() appended tokens: token i's kv-heads go to page rows[i].page, row
-  // rows[i].row of the K and V pools ([page][kv_head][page_tokens][head_dim]), converted from
+  // rows[i].row of the K and V pools ([kv_head][page][page_tokens][head_dim]), converted from
   // In (float, Eigen::half, Eigen::bfloat16 in device memory, [tokens][kv_heads][head_dim]) to
   // DType. Launches a kernel, so only translation units compiled by nvcc may call it.
   template <class DType, class In>

@@ -4,7 +4,7 @@
 // Paged), runtime sizes as members (how many blocks, slots, window positions). The memory itself
 // belongs to the cache and is laid out the same way for every policy:
 //
-//   [layer][K, V][page][kv_head][page_tokens][head_dim]
+//   [layer][K, V][kv_head][page][page_tokens][head_dim]
 //
 // where a page is a sequence slot (Contiguous, SlidingWindow) or a block (Paged). The policy's
 // `bookkeeping` type is plain host data that decides which page row holds which position of
@@ -31,16 +31,17 @@ struct PageRow {
   int row = 0;
 };
 
-// The K and V pools of one layer, [page][kv_head][page_tokens][head_dim], as a backend that
+// The K and V pools of one layer, [kv_head][page][page_tokens][head_dim], as a backend that
 // writes appended rows itself (one whose memory the host cannot touch) sees them.
 template <class Storage>
 struct RowTarget {
   Storage* k_pool = nullptr;
   Storage* v_pool = nullptr;
   int kv_heads = 0;
+  int page_count = 0;
   int page_tokens = 0;
   int head_dim = 0;
-  float* k_scale_pool = nullptr;  // quantized types: one scale per row, [page][kv_head][page_tokens]
+  float* k_scale_pool = nullptr;  // quantized types: one scale per row, [kv_head][page][page_tokens]
   float* v_scale_pool = nullptr;
 };
 

@@ -59,8 +59,9 @@ struct Contiguous {
     template <class Storage>
     void segments(int slot, int length, int, const Storage* k_pool, const Storage* v_pool,
                   SequenceView<Storage>& view) const {
-      const std::size_t head_stride = static_cast<std::size_t>(max_tokens_) * view.row_units();
-      const std::size_t offset = static_cast<std::size_t>(slot) * view.kv_heads * head_stride;
+      const std::size_t slot_rows = static_cast<std::size_t>(max_tokens_) * view.row_units();
+      const std::size_t head_stride = static_cast<std::size_t>(view.pool_pages) * slot_rows;
+      const std::size_t offset = static_cast<std::size_t>(slot) * slot_rows;
       view.direct[0] = {k_pool + offset, v_pool + offset, head_stride, 0, length};
       view.direct_count = length > 0 ? 1 : 0;
     }

@@ -85,9 +85,10 @@ struct SlidingWindow {
     template <class Storage>
     void segments(int slot, int length, int first_held, const Storage* k_pool,
                   const Storage* v_pool, SequenceView<Storage>& view) const {
-      const std::size_t head_stride = static_cast<std::size_t>(sinks_ + ring_) * view.row_units();
-      const Storage* k = k_pool + static_cast<std::size_t>(slot) * view.kv_heads * head_stride;
-      const Storage* v = v_pool + static_cast<std::size_t>(slot) * view.kv_heads * head_stride;
+      const std::size_t slot_rows = static_cast<std::size_t>(sinks_ + ring_) * view.row_units();
+      const std::size_t head_stride = static_cast<std::size_t>(view.pool_pages) * slot_rows;
+      const Storage* k = k_pool + static_cast<std::size_t>(slot) * slot_rows;
+      const Storage* v = v_pool + static_cast<std::size_t>(slot) * slot_rows;
       const std::size_t token_stride = static_cast<std::size_t>(view.row_units());
       int count = 0;
       auto add = [&](int row, int first_position, int rows) {

@@ -71,7 +71,7 @@ __device__ __forceinline__ RowPair<Storage> locate_row(const SequenceView<Storag
   const int block = position / view.block_tokens;
   const int row = position - block * view.block_tokens;
   const std::size_t offset =
-      ((static_cast<std::size_t>(view.block_ids[block]) * view.kv_heads + kv_head) * view.block_tokens + row) *
+      ((static_cast<std::size_t>(kv_head) * view.pool_pages + view.block_ids[block]) * view.block_tokens + row) *
       head_dim;
   if constexpr (is_code<Storage>)
     return {view.k_pool + offset, view.v_pool + offset, __ldg(view.k_scale_pool + offset / head_dim),

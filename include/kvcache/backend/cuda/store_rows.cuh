@@ -31,7 +31,7 @@ __global__ void store_rows_kernel(RowTarget<typename DType::storage_type> target
   const PageRow at = batch.rows[token];
   const std::size_t head_dim = static_cast<std::size_t>(target.head_dim);
   const std::size_t stored =
-      ((static_cast<std::size_t>(at.page) * target.kv_heads + head) * target.page_tokens + at.row) * head_dim;
+      ((static_cast<std::size_t>(head) * target.page_count + at.page) * target.page_tokens + at.row) * head_dim;
   const std::size_t source = (static_cast<std::size_t>(token) * target.kv_heads + head) * head_dim;
   if constexpr (QuantizedElement<DType>) {
     if (threadIdx.x != 0) return;
