@@ -377,6 +377,10 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   const float* scaled_group = nullptr;  // the parameters q_group and bias were made with
   std::int16_t* q_words = nullptr;       // integer scoring: q (or q_group) rounded to words
   alignas(64) float q_unit[heads_per_pass];
+  if constexpr (use_simd<HeadDim> && integer_scoring<Storage>) {
+    q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+    if constexpr (!GroupQuantizedStorage<Storage>) round_queries<Storage>(q, heads, head_dim, q_words, q_unit);
+  }
   // Segments of the cache's storage, or the full-precision residual rows of group-quantized
   // types (S = float).
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
@@ -409,18 +413,10 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
         if (params != scaled_group) {  // a group spans tiles
           scale_queries(q, heads, head_dim, params, q_group, bias);
-          if constexpr (integer) {
-            if (q_words == nullptr) q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
-            round_queries<S>(q_group, heads, head_dim, q_words, q_unit);
-          }
+          if constexpr (integer) round_queries<S>(q_group, heads, head_dim, q_words, q_unit);
         }
         scaled_group = params;
         q_tile = q_group;
-      } else if constexpr (integer) {
-        if (q_words == nullptr) {
-          q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
-          round_queries<S>(q, heads, head_dim, q_words, q_unit);
-        }
       }
       // Quantized rows: the scale of a K row multiplies its scores, that of a V row its weights.
       const float *k_scale = nullptr, *v_scale = nullptr;
