@@ -98,6 +98,19 @@ TEST(Simd, BlockLoadsEqualSingleLoads) {
   }
 }
 
+// The softmax masks a tile's tail with first_or: lanes [0, count) pass, even NaN, the rest are
+// the fill, for every count the kernels use.
+TEST(Simd, FirstOrKeepsTheFirstLanes) {
+  std::vector<float> values(width);
+  for (int i = 0; i < width; ++i) values[i] = 1.5f + static_cast<float>(i);
+  values[0] = std::nanf("");
+  for (int count = 0; count <= width; ++count) {
+    const std::vector<float> got = lanes(simd::first_or(simd::load(values.data()), count, -INFINITY));
+    for (int i = 0; i < width; ++i)
+      expect_same(got[i], i < count ? values[i] : -INFINITY, count * 100 + i);
+  }
+}
+
 #if defined(KVCACHE_SIMD_INTEGER_DOT)
 constexpr int word_width = simd::word_width;
 

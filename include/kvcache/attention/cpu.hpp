@@ -120,10 +120,12 @@ void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc) {
   {
     constexpr int head_dim = HeadDim;
     constexpr int width = simd::width;
-    const int padded = (rows + width - 1) / width * width;
-    for (int r = rows; r < padded; ++r) scores[r] = -std::numeric_limits<float>::infinity();
-    simd::floats top = simd::load(scores);
-    for (int at = width; at < padded; at += width) top = simd::max(top, simd::load(scores + at));
+    // The tail vector's lanes past `rows` are masked in registers: scalar stores there would
+    // stall the vector loads that follow (no store forwarding from several stores).
+    const int whole = rows / width * width, tail = rows - whole;
+    const float lowest = -std::numeric_limits<float>::infinity();
+    simd::floats top = tail > 0 ? simd::first_or(simd::load(scores + whole), tail, lowest) : simd::broadcast(lowest);
+    for (int at = 0; at < whole; at += width) top = simd::max(top, simd::load(scores + at));
     const float factor = state.raise_max(simd::max(top));
     if (factor != 1.0f) {
       const simd::floats scale = simd::broadcast(factor);
@@ -131,9 +133,14 @@ void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc) {
     }
     const simd::floats max = simd::broadcast(state.max);
     simd::floats total = simd::zero();
-    for (int at = 0; at < padded; at += width) {
+    for (int at = 0; at < whole; at += width) {
       const simd::floats p = simd::exp(simd::sub(simd::load(scores + at), max));
       simd::store(scores + at, p);
+      total = simd::add(total, p);
+    }
+    if (tail > 0) {
+      const simd::floats p = simd::first_or(simd::exp(simd::sub(simd::load(scores + whole), max)), tail, 0.0f);
+      simd::store(scores + whole, p);
       total = simd::add(total, p);
     }
     state.sum += simd::sum(total);

@@ -88,6 +88,9 @@ inline floats times_two_to(floats y, floats n) { return _mm512_scalef_ps(y, n); 
 inline floats zero_below(floats y, floats x, float limit) {  // y where x >= limit, else 0
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_GE_OQ), y);
 }
+inline floats first_or(floats v, int count, float fill) {  // v's lanes [0, count), fill after
+  return _mm512_mask_mov_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << count) - 1), v);
+}
 
 // Lane r of the result is add-reduction of the lanes of v[r], for width vectors: a transposing
 // reduction tree, 4 shuffle levels for 16 sums instead of 16 separate reductions. `add` sees
@@ -233,6 +236,10 @@ inline floats times_two_to(floats y, floats n) {  // y * 2^n for n in [-126, 127
 }
 inline floats zero_below(floats y, floats x, float limit) {
   return _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(limit), _CMP_GE_OQ));
+}
+inline floats first_or(floats v, int count, float fill) {
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(count)), _CMP_LT_OQ));
 }
 
 // Lane r of the result is the sum of the lanes of v[r], for width vectors.
