@@ -112,38 +112,52 @@ inline constexpr bool use_simd = simd::width > 0 && HeadDim > 0 && HeadDim % (2 
 
 #if KVCACHE_SIMD_WIDTH > 0
 
-// Folds one tile of scores into the online softmax: raises the running max (rescaling acc),
-// turns scores into exp(score - max) in place and adds them to the running sum.
-//   scores: [tile_rows], 64-byte aligned, the first `rows` valid
+// Folds one tile of scores into the online softmax of each head: raises the running max
+// (rescaling acc), turns scores into exp(score - max) in place and adds them to the running
+// sum. Each step runs for every head before the next, so the heads' reductions and
+// exponentials, each a long dependency chain, overlap (one head at a time: 6.2 instead of 2.1
+// cycles per row for 4 heads, in L1).
+//   scores: [heads][tile_rows], the first `rows` of each valid
+//   acc:    [heads][HeadDim]
 template <int HeadDim>
-void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc) {
+void softmax_tile(float (*scores)[tile_rows], int heads, int rows, OnlineSoftmax* state, float* acc) {
   {
-    constexpr int head_dim = HeadDim;
     constexpr int width = simd::width;
     // The tail vector's lanes past `rows` are masked in registers: scalar stores there would
     // stall the vector loads that follow (no store forwarding from several stores).
     const int whole = rows / width * width, tail = rows - whole;
     const float lowest = -std::numeric_limits<float>::infinity();
-    simd::floats top = tail > 0 ? simd::first_or(simd::load(scores + whole), tail, lowest) : simd::broadcast(lowest);
-    for (int at = 0; at < whole; at += width) top = simd::max(top, simd::load(scores + at));
-    const float factor = state.raise_max(simd::max(top));
-    if (factor != 1.0f) {
-      const simd::floats scale = simd::broadcast(factor);
-      for (int d = 0; d < head_dim; d += width) simd::store(acc + d, simd::mul(scale, simd::load(acc + d)));
+    alignas(64) float top[heads_per_pass];
+    for (int h = 0; h < heads; ++h) {
+      simd::floats most = tail > 0 ? simd::first_or(simd::load(scores[h] + whole), tail, lowest) : simd::broadcast(lowest);
+      for (int at = 0; at < whole; at += width) most = simd::max(most, simd::load(scores[h] + at));
+      top[h] = simd::max(most);
     }
-    const simd::floats max = simd::broadcast(state.max);
-    simd::floats total = simd::zero();
-    for (int at = 0; at < whole; at += width) {
-      const simd::floats p = simd::exp(simd::sub(simd::load(scores + at), max));
-      simd::store(scores + at, p);
-      total = simd::add(total, p);
+    for (int h = 0; h < heads; ++h) {
+      const float factor = state[h].raise_max(top[h]);
+      if (factor != 1.0f) {
+        const simd::floats scale = simd::broadcast(factor);
+        for (int d = 0; d < HeadDim; d += width) {
+          float* at = acc + h * HeadDim + d;
+          simd::store(at, simd::mul(scale, simd::load(at)));
+        }
+      }
     }
-    if (tail > 0) {
-      const simd::floats p = simd::first_or(simd::exp(simd::sub(simd::load(scores + whole), max)), tail, 0.0f);
-      simd::store(scores + whole, p);
-      total = simd::add(total, p);
+    for (int h = 0; h < heads; ++h) {
+      const simd::floats max = simd::broadcast(state[h].max);
+      simd::floats total = simd::zero();
+      for (int at = 0; at < whole; at += width) {
+        const simd::floats p = simd::exp(simd::sub(simd::load(scores[h] + at), max));
+        simd::store(scores[h] + at, p);
+        total = simd::add(total, p);
+      }
+      if (tail > 0) {
+        const simd::floats p = simd::first_or(simd::exp(simd::sub(simd::load(scores[h] + whole), max)), tail, 0.0f);
+        simd::store(scores[h] + whole, p);
+        total = simd::add(total, p);
+      }
+      state[h].sum += simd::sum(total);
     }
-    state.sum += simd::sum(total);
   }
 }
 
@@ -168,7 +182,7 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
           prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim / units);
           for (int j0 = 0; j0 < vectors; j0 += chunk) {
             simd::floats key[chunk];
-            for (int j = 0; j < chunk; ++j) key[j] = simd::load(row + (j0 + j) * width / units);
+            simd::load_vectors(row + j0 * width / units, key);
             for (int h = 0; h < Heads; ++h)
               for (int j = 0; j < chunk; j += 2) {
                 even[h] = simd::fma(simd::load(q + h * HeadDim + (j0 + j) * width), key[j], even[h]);
@@ -259,7 +273,7 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
 #else  // no SIMD: declared for the discarded branches of accumulate(), never instantiated
 
 template <int HeadDim>
-void softmax_tile(float* scores, int rows, OnlineSoftmax& state, float* acc);
+void softmax_tile(float (*scores)[tile_rows], int heads, int rows, OnlineSoftmax* state, float* acc);
 template <int HeadDim, int Heads, class Storage>
 void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], const Storage* prefetch);
 template <int HeadDim, int Heads, class Storage>
@@ -461,18 +475,18 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
             for (int r = 0; r < rows; ++r) scores[h][r] += bias[h];
         if (k_scale != nullptr) scale_scores(scores, heads, rows, k_scale);
       }
-      for (int h = 0; h < heads; ++h) {
-        if (soft_cap > 0.0f) {
+      if (soft_cap > 0.0f)
+        for (int h = 0; h < heads; ++h) {
           Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
           s = soft_cap * (s / soft_cap).tanh();
         }
-        float* acc_h = acc + static_cast<std::size_t>(h) * head_dim;
-        if constexpr (use_simd<HeadDim>) {
-          softmax_tile<HeadDim>(scores[h], rows, softmax[h], acc_h);
-        } else {
+      if constexpr (use_simd<HeadDim>) {
+        softmax_tile<HeadDim>(scores, heads, rows, softmax, acc);
+      } else {
+        for (int h = 0; h < heads; ++h) {
           Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
           const float factor = softmax[h].raise_max(s.maxCoeff());
-          if (factor != 1.0f) Eigen::Map<Row>(acc_h, head_dim) *= factor;
+          if (factor != 1.0f) Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) *= factor;
           s = (s - softmax[h].max).exp();
           softmax[h].sum += s.sum();
         }
