@@ -97,6 +97,13 @@ inline void prefetch_line(const void* address) {
 #endif
 }
 
+// Asks for every cache line of [begin, begin + bytes).
+inline void prefetch_lines(const void* begin, std::size_t bytes) {
+  const auto first = reinterpret_cast<std::uintptr_t>(begin) & ~std::uintptr_t{63};
+  for (std::uintptr_t at = first; at < reinterpret_cast<std::uintptr_t>(begin) + bytes; at += 64)
+    prefetch_line(reinterpret_cast<const void*>(at));
+}
+
 // Asks for one row (of K or V) that a later tile will read. Issued once per row processed, so
 // the requests are spread over the computation: the hardware prefetcher alone leaves one core
 // far below its read bandwidth on this access pattern, and a burst of requests does too.
@@ -427,12 +434,21 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         if constexpr (std::same_as<S, Storage>) next_k = following.first, next_v = following.second;
       }
       constexpr bool integer = use_simd<HeadDim> && integer_scoring<S>;  // scales and bias applied in scoring
+      // The scales and parameters of quantized rows lie apart from the rows, in streams of their
+      // own that the hardware prefetcher follows too late (one thread, int8 at T = 16k: 1.17x
+      // faster with the next tile's asked for; int4 1.16x): they are asked for a tile ahead too.
       const float* q_tile = q;
+      const float* v_params = nullptr;  // group-quantized: [rows][2] (scale, minimum) of the V rows
       if constexpr (group_quantized) {
         const int group = tile / view.group_tokens - segment.first_position / view.group_tokens;
         const float* params = segment.k_scale + (kv_head * head_groups + group) * 2 * head_dim;
+        v_params = segment.v_scale + (kv_head * head_groups * view.group_tokens +
+                                      static_cast<std::size_t>(tile - segment.first_position)) * 2;
+        if (!last_tile) prefetch_lines(v_params + 2 * rows, 2 * rows * sizeof(float));
         if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
         if (params != scaled_group) {  // a group spans tiles
+          if (tile + view.group_tokens < segment.first_position + segment.count)
+            prefetch_lines(params + 2 * head_dim, 2 * head_dim * sizeof(float));
           scale_queries(q, heads, head_dim, params, q_group, bias);
           if constexpr (integer) round_queries<S>(q_group, heads, head_dim, q_words, q_unit);
         }
@@ -446,6 +462,10 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
                                          static_cast<std::size_t>(tile - segment.first_position);
         k_scale = segment.k_scale + scale_offset;
         v_scale = segment.v_scale + scale_offset;
+        if (!last_tile) {
+          prefetch_lines(k_scale + rows, rows * sizeof(float));
+          prefetch_lines(v_scale + rows, rows * sizeof(float));
+        }
       }
       if constexpr (integer) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
@@ -493,9 +513,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       }
       alignas(64) float minimum_weight[heads_per_pass];
       if constexpr (group_quantized) {
-        const float* params = segment.v_scale + (kv_head * head_groups * view.group_tokens +
-                                                 static_cast<std::size_t>(tile - segment.first_position)) * 2;
-        scale_weights(scores, heads, rows, params, minimum_weight);
+        scale_weights(scores, heads, rows, v_params, minimum_weight);
       } else if (v_scale != nullptr) {
         scale_scores(scores, heads, rows, v_scale);
       }
