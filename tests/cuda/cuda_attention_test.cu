@@ -87,9 +87,10 @@ struct Twin {
   explicit Twin(const ModelShape& model, const Layout& layout = make_layout<Layout>())
       : shape(model), host(model, layout), device(model, layout) {}
 
-  // The two backends agree up to float rounding, and up to the CPU's query rounding where it
-  // scores integer codes (attention::cpu::rounds_queries; the bound of tests/support/oracle.hpp).
-  double agreement() const { return attention::cpu::rounds_queries<Storage>(shape.head_dim) ? 5e-4 : 2e-5; }
+  // The two backends agree up to float rounding, and up to the CPU's rounding of queries and
+  // weights where it dots integer codes (attention::cpu::uses_integer_dot_products; the bound of
+  // tests/support/oracle.hpp).
+  double agreement() const { return attention::cpu::uses_integer_dot_products<Storage>(shape.head_dim) ? 5e-4 : 2e-5; }
 
   std::size_t kv_row() const { return static_cast<std::size_t>(shape.kv_heads) * shape.head_dim; }
   std::size_t q_row() const { return static_cast<std::size_t>(shape.q_heads) * shape.head_dim; }

@@ -1,6 +1,6 @@
 // The CPU kernels' SIMD conversions (detail/simd.hpp) against the scalar definitions: every
-// code of every stored type decodes to the same float, and the integer-scoring helpers (VNNI
-// builds) give the words, orders and exact sums the kernels assume. Built for whatever
+// code of every stored type decodes to the same float, and the integer multiply-add helpers
+// (VNNI builds) give the words, orders and exact sums the kernels assume. Built for whatever
 // instruction set the tests are compiled for (AVX-512, AVX2, or none: then nothing to check).
 #include <kvcache/detail/simd.hpp>
 #include <kvcache/dtype/float.hpp>
@@ -187,6 +187,54 @@ TEST(SimdIntegerDot, MultiplyAddsSumExactly) {
   ASSERT_EQ(expected[0], 256 * 32767 * 127);
   const std::vector<float> sums = lanes(simd::sum_each_to_float(rows));
   for (int r = 0; r < 16; ++r) EXPECT_EQ(sums[r], static_cast<float>(expected[r])) << "row " << r;
+}
+
+// Value accumulation: word pairs of two rows dotted with a pair of weights, back in element
+// order, equal weight_a * code_a + weight_b * code_b for each of 64 elements, extremes included.
+template <class Code>
+void expect_pair_sums_in_element_order(const std::vector<Code>& a, const std::vector<Code>& b,
+                                       std::int16_t weight_a, std::int16_t weight_b) {
+  auto code = [](const std::vector<Code>& row, int d) {
+    if constexpr (std::same_as<Code, int4x2>)
+      return static_cast<std::int64_t>(int4_code_at(row.data(), d));
+    else
+      return static_cast<std::int64_t>(row[d]);
+  };
+  simd::words pairs[4];
+  simd::load_word_pairs(a.data(), b.data(), pairs);
+  const std::int16_t weights[2] = {weight_a, weight_b};
+  simd::ints sums[4];
+  for (int i = 0; i < 4; ++i) sums[i] = simd::dot_add(simd::zero_ints(), pairs[i], simd::broadcast_pair(weights));
+  simd::floats in_order[4];
+  simd::pair_sums_in_order<Code>(sums, in_order);
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<float> got = lanes(in_order[i]);
+    for (int lane = 0; lane < width; ++lane) {
+      const int d = i * width + lane;
+      EXPECT_EQ(got[lane], static_cast<float>(weight_a * code(a, d) + weight_b * code(b, d))) << "element " << d;
+    }
+  }
+}
+
+TEST(SimdIntegerDot, WordPairsOfTwoRowsSumInElementOrder) {
+  std::mt19937 rng(6);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<std::int8_t> a8(64), b8(64);
+  std::vector<int4x2> a4(32), b4(32);
+  for (int trial = 0; trial < 4; ++trial) {
+    for (int d = 0; d < 64; ++d) {
+      a8[d] = static_cast<std::int8_t>(trial == 0 ? -127 : byte(rng) - 128);
+      b8[d] = static_cast<std::int8_t>(trial == 0 ? 127 : byte(rng) - 128);
+    }
+    for (int i = 0; i < 32; ++i) {
+      a4[i].bits = static_cast<std::uint8_t>(trial == 0 ? 0xFF : byte(rng));
+      b4[i].bits = static_cast<std::uint8_t>(trial == 0 ? 0x0F : byte(rng));
+    }
+    const auto weight_a = static_cast<std::int16_t>(trial == 0 ? 32767 : byte(rng) * 128);
+    const auto weight_b = static_cast<std::int16_t>(trial == 0 ? 32767 : byte(rng) * 3);
+    expect_pair_sums_in_element_order(a8, b8, weight_a, weight_b);
+    expect_pair_sums_in_element_order(a4, b4, weight_a, weight_b);
+  }
 }
 #endif
 

@@ -116,13 +116,14 @@ inline std::vector<double> oracle_attention(const ModelShape& shape, const Rows&
 }
 
 // The most a CPU kernel's output may differ from the oracle on the values the cache stores
-// (relative_error): float rounding, plus, where the kernel scores integer codes against queries
-// rounded to 16-bit integers (attention::cpu::rounds_queries), that rounding. It moves a score s
-// by about |s| * 2^-16 (rows of the tests' largest keys: scores up to ~30, output errors up to
-// 2.3e-4 measured); int8's own quantization moves scores ~100 times as much.
+// (relative_error): float rounding, plus, where the kernel dots integer codes with queries and
+// weights rounded to 16-bit integers (attention::cpu::uses_integer_dot_products), that rounding.
+// It moves a score s by about |s| * 2^-16 (rows of the tests' largest keys: scores up to ~30,
+// output errors up to 2.3e-4 measured, the same with and without the weights' rounding); int8's
+// own quantization moves scores ~100 times as much.
 template <class Storage>
 double kernel_bound(int head_dim) {
-  return attention::cpu::rounds_queries<Storage>(head_dim) ? 5e-4 : 1e-5;
+  return attention::cpu::uses_integer_dot_products<Storage>(head_dim) ? 5e-4 : 1e-5;
 }
 
 // max |actual - expected| / max |expected|: the error relative to the output's magnitude.

@@ -6,12 +6,13 @@
 // and fp8 codes, whose per-row scales then multiply the scores of K rows and the weights of V
 // rows; int4 codes, whose key group's channel scales and minima are folded into the query and a
 // bias once per group, and whose value minima into one sum per tile) and never stored; the per-row
-// partial dot products are summed by one transposing reduction. With AVX-512 VNNI, int8 and int4
-// keys are instead widened to 16-bit integers and dotted with queries rounded to 16-bit
-// integers (rounds_queries), 32 multiply-adds per instruction. Scores are folded into an
+// partial dot products are summed by one transposing reduction. Scores are folded into an
 // online softmax (fp32 state) a tile of about 4 KiB of K at a time, then each V row is read
-// once and accumulated for every head with the accumulators in registers. The next tile's rows
-// are prefetched one row per row computed. Work is split over (sequence, kv-head) and over token
+// once and accumulated for every head with the accumulators in registers. With AVX-512 VNNI,
+// int8 and int4 codes are instead widened to 16-bit integers: K rows are dotted with queries
+// rounded to 16-bit integers, V rows two at a time with softmax weights rounded likewise
+// (uses_integer_dot_products), 32 multiply-adds per instruction. The next tile's rows are
+// prefetched one row per row computed, and its scales with them. Work is split over (sequence, kv-head) and over token
 // ranges of long sequences (fixed by the sequence, so results are batch-invariant), whose
 // partial softmax states are merged in order.
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
@@ -275,6 +276,58 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
                                                simd::broadcast(bias == nullptr ? 0.0f : bias[h])));
   }
 }
+
+// As accumulate_rows, for integer codes (int8, int4): each head's weights are rounded to 16-bit
+// words (unit = its largest weight / 32767), and the codes of two rows at a time are
+// interleaved into word pairs and dotted with the two rows' weights, so one integer multiply-add
+// does the work of two FMAs. The sums are exact in 32-bit lanes (at most 32 rows * 128 * 32767
+// < 2^31) and added to acc, times the unit, once per tile. A weight moves by at most its unit / 2:
+// 2^-16 of the tile's largest weight.
+template <int HeadDim, int Heads, class Storage>
+void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
+                             const Storage* prefetch) {
+  constexpr int units = elements_per_unit<Storage>, block = 64;  // elements per load_word_pairs
+  static_assert(simd::width == 16 && HeadDim % block == 0);
+  alignas(64) std::int16_t weight[Heads][tile_rows];  // a weight of 0 past `rows`
+  float unit[Heads];
+  for (int h = 0; h < Heads; ++h) {
+    const simd::floats low = simd::first_or(simd::load(p[h]), std::min(rows, 16), 0.0f);
+    const simd::floats high = rows > 16 ? simd::first_or(simd::load(p[h] + 16), rows - 16, 0.0f) : simd::zero();
+    const float largest = simd::max(simd::max(low, high));  // weights are >= 0
+    const simd::floats factor = simd::broadcast(largest > 0.0f ? 32767.0f / largest : 0.0f);
+    simd::store_words(weight[h], simd::mul(low, factor));
+    simd::store_words(weight[h] + 16, simd::mul(high, factor));
+    unit[h] = largest / 32767.0f;
+  }
+  for (int j = 0; j < HeadDim; j += block) {
+    simd::ints sums[Heads][4];
+    for (int h = 0; h < Heads; ++h)
+      for (int i = 0; i < 4; ++i) sums[h][i] = simd::zero_ints();
+    for (int r = 0; r < rows; r += 2) {
+      const Storage* a = v + (r * HeadDim + j) / units;
+      const Storage* b = r + 1 < rows ? a + HeadDim / units : a;  // an odd last row pairs with itself, weight 0
+      if (j == 0 && prefetch != nullptr) {
+        prefetch_row<HeadDim>(prefetch + r * HeadDim / units);
+        if (r + 1 < rows) prefetch_row<HeadDim>(prefetch + (r + 1) * HeadDim / units);
+      }
+      simd::words codes[4];
+      simd::load_word_pairs(a, b, codes);
+      for (int h = 0; h < Heads; ++h) {
+        const simd::words pair = simd::broadcast_pair(weight[h] + r);
+        for (int i = 0; i < 4; ++i) sums[h][i] = simd::dot_add(sums[h][i], codes[i], pair);
+      }
+    }
+    for (int h = 0; h < Heads; ++h) {
+      simd::floats in_order[4];
+      simd::pair_sums_in_order<Storage>(sums[h], in_order);
+      const simd::floats scale = simd::broadcast(unit[h]);
+      for (int i = 0; i < 4; ++i) {
+        float* at = acc + h * HeadDim + j + i * simd::width;
+        simd::store(at, simd::fma(in_order[i], scale, simd::load(at)));
+      }
+    }
+  }
+}
 #endif
 
 #else  // no SIMD: declared for the discarded branches of accumulate(), never instantiated
@@ -292,12 +345,16 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 template <int HeadDim, int Heads, class Storage>
 void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
                         const float* bias, float (*scores)[tile_rows], const Storage* prefetch);
+template <int HeadDim, int Heads, class Storage>
+void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
+                             const Storage* prefetch);
 #endif
 
-// Codes scored with integer multiply-adds (AVX-512 VNNI) against queries rounded to 16-bit
-// integers: int8 and int4 keys (rounds_queries below says what the rounding costs).
+// Codes scored and accumulated with integer multiply-adds (AVX-512 VNNI) against queries and
+// weights rounded to 16-bit integers: int8 and int4 (uses_integer_dot_products below says what
+// the rounding costs).
 template <class Storage>
-inline constexpr bool integer_scoring =
+inline constexpr bool integer_dot =
 #if defined(KVCACHE_SIMD_INTEGER_DOT)
     std::same_as<Storage, std::int8_t> || std::same_as<Storage, int4x2>;
 #else
@@ -405,7 +462,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   const float* scaled_group = nullptr;  // the parameters q_group and bias were made with
   std::int16_t* q_words = nullptr;       // integer scoring: q (or q_group) rounded to words
   alignas(64) float q_unit[heads_per_pass];
-  if constexpr (use_simd<HeadDim> && integer_scoring<Storage>) {
+  if constexpr (use_simd<HeadDim> && integer_dot<Storage>) {
     q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
     if constexpr (!GroupQuantizedStorage<Storage>) round_queries<Storage>(q, heads, head_dim, q_words, q_unit);
   }
@@ -433,7 +490,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         next_k = next_v = nullptr;
         if constexpr (std::same_as<S, Storage>) next_k = following.first, next_v = following.second;
       }
-      constexpr bool integer = use_simd<HeadDim> && integer_scoring<S>;  // scales and bias applied in scoring
+      constexpr bool integer = use_simd<HeadDim> && integer_dot<S>;  // scales and bias applied in scoring
       // The scales and parameters of quantized rows lie apart from the rows, in streams of their
       // own that the hardware prefetcher follows too late (one thread, int8 at T = 16k: 1.17x
       // faster with the next tile's asked for; int4 1.16x): they are asked for a tile ahead too.
@@ -517,7 +574,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       } else if (v_scale != nullptr) {
         scale_scores(scores, heads, rows, v_scale);
       }
-      if constexpr (use_simd<HeadDim>) {
+      if constexpr (integer) {
+        for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
+          first += dispatch_heads<4>(heads - first, [&](auto chunk) {
+            accumulate_rows_integer<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
+                                                                     acc + static_cast<std::size_t>(first) * HeadDim,
+                                                                     first == 0 ? next_v : nullptr);
+          });
+      } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
           first += dispatch_heads<4>(heads - first, [&](auto chunk) {
             accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
@@ -723,15 +787,17 @@ inline void add_tasks(std::vector<Task>& tasks, int view, int kv_heads, int grou
 
 }  // namespace detail
 
-// Whether the kernels score keys stored as Storage, at this head_dim, with integer multiply-adds
-// against queries rounded to 16-bit integers per head (int8 and int4 keys with AVX-512 VNNI, at
-// the fast head sizes). Their results then differ from exact attention on the stored values by
-// that rounding too: a score moves by at most max|q_h| / 65534 times the sum of |key codes|
-// (times the key's scale), about 2^-16 of the largest possible score.
+// Whether the kernels use integer multiply-adds for codes stored as Storage at this head_dim
+// (int8 and int4 with AVX-512 VNNI, at the fast head sizes): keys are dotted with queries
+// rounded to 16-bit integers per head, and values weighted by softmax weights rounded to 16-bit
+// integers per head and tile. Their results then differ from exact attention on the stored
+// values by that rounding too: a score moves by at most max|q_h| / 65534 times the sum of |key
+// codes| (times the key's scale), about 2^-16 of the largest possible score; a weight by at most
+// 2^-16 of the largest weight of its tile of rows.
 template <class Storage>
-bool rounds_queries(int head_dim) {
+bool uses_integer_dot_products(int head_dim) {
   return dispatch_head_dim(head_dim, [](auto head_dim_constant) {
-    return detail::use_simd<decltype(head_dim_constant)::value> && detail::integer_scoring<Storage>;
+    return detail::use_simd<decltype(head_dim_constant)::value> && detail::integer_dot<Storage>;
   });
 }
 

@@ -134,9 +134,70 @@ inline void load_words(const int4x2* p, words& even, words& odd) {
   even = _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
   odd = _mm512_srli_epi16(bytes, 4);
 }
+// Codes of 64 elements of two rows, `a` and `b`, as four vectors of word pairs: each 32-bit lane
+// holds one element's code in a (low word) and in b (high word), to be dotted with a pair of
+// row weights (dot_add, broadcast_pair): two rows' multiply-adds in one. The lanes come in the
+// order of the in-lane byte unpacks; pair_sums_in_order puts their sums back in element order.
+inline void load_word_pairs(const std::int8_t* a, const std::int8_t* b, words (&out)[4]) {
+  for (int half = 0; half < 2; ++half) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * half));
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * half));
+    out[2 * half] = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(x, y));      // elements 0-7, 16-23 (+ 32 * half)
+    out[2 * half + 1] = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(x, y));  // 8-15, 24-31
+  }
+}
+inline void load_word_pairs(const int4x2* a, const int4x2* b, words (&out)[4]) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  const __m512i low = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(x, y));   // bytes 0-7, 16-23 of each
+  const __m512i high = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(x, y));  // bytes 8-15, 24-31
+  const __m512i nibble = _mm512_set1_epi16(0x0F);
+  out[0] = _mm512_and_si512(low, nibble);   // elements 0, 2, ..., 14 and 32, 34, ..., 46
+  out[1] = _mm512_srli_epi16(low, 4);       // 1, 3, ..., 15 and 33, ..., 47 (a word's high byte is 0)
+  out[2] = _mm512_and_si512(high, nibble);  // 16, ..., 30 and 48, ..., 62
+  out[3] = _mm512_srli_epi16(high, 4);      // 17, ..., 31 and 49, ..., 63
+}
+// The int32 sums of the lanes of load_word_pairs(Storage) as floats, elements 0-63 in order.
+template <class Storage>
+inline void pair_sums_in_order(const ints (&sums)[4], floats (&out)[4]) {
+  floats lanes[4];
+  for (int i = 0; i < 4; ++i) lanes[i] = _mm512_cvtepi32_ps(sums[i]);
+  if constexpr (std::same_as<Storage, std::int8_t>) {  // 128-bit blocks of four elements
+    out[0] = _mm512_shuffle_f32x4(lanes[0], lanes[1], 0x44);
+    out[1] = _mm512_shuffle_f32x4(lanes[0], lanes[1], 0xEE);
+    out[2] = _mm512_shuffle_f32x4(lanes[2], lanes[3], 0x44);
+    out[3] = _mm512_shuffle_f32x4(lanes[2], lanes[3], 0xEE);
+  } else {  // even and odd elements interleaved
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+    out[0] = _mm512_permutex2var_ps(lanes[0], low, lanes[1]);
+    out[1] = _mm512_permutex2var_ps(lanes[2], low, lanes[3]);
+    out[2] = _mm512_permutex2var_ps(lanes[0], high, lanes[1]);
+    out[3] = _mm512_permutex2var_ps(lanes[2], high, lanes[3]);
+  }
+}
+// Words p[0], p[1] as the pair in every 32-bit lane.
+inline words broadcast_pair(const std::int16_t* p) {
+  std::int32_t pair;
+  std::memcpy(&pair, p, sizeof pair);
+  return _mm512_set1_epi32(pair);
+}
+// The 16 lanes of v rounded to words (ties to even, saturating) at out.
+inline void store_words(std::int16_t* out, floats v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v)));
+}
 inline ints zero_ints() { return _mm512_setzero_si512(); }
 inline ints add(ints a, ints b) { return _mm512_add_epi32(a, b); }
-inline ints dot_add(ints sums, words a, words b) { return _mm512_dpwssd_epi32(sums, a, b); }
+inline ints dot_add(ints sums, words a, words b) {
+#if defined(__GNUC__) && !defined(__clang__)
+  // GCC 12 copies each accumulator of the intrinsic to a new register and back (and spills
+  // them), doubling the instructions of an accumulation loop; in asm it stays in place.
+  asm("vpdpwssd %2, %1, %0" : "+v"(sums) : "v"(a), "v"(b));
+  return sums;
+#else
+  return _mm512_dpwssd_epi32(sums, a, b);
+#endif
+}
 
 // Lane r of the result is the sum of the int32 lanes of v[r], for width vectors, as a float.
 inline floats sum_each_to_float(const ints* v) {
