@@ -248,8 +248,8 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
     const int count = std::min(width, rows - first);
     simd::ints partial[Heads][width];
     for (int r = 0; r < width; ++r) {
-      simd::ints even[Heads], odd[Heads];
-      for (int h = 0; h < Heads; ++h) even[h] = odd[h] = simd::zero_ints();
+      simd::ints sums[Heads];
+      for (int h = 0; h < Heads; ++h) sums[h] = simd::zero_ints();
       if (r < count) {
         const Storage* row = k + (first + r) * HeadDim / units;
         prefetch_row<HeadDim>(prefetch == nullptr ? nullptr : prefetch + (first + r) * HeadDim / units);
@@ -263,12 +263,10 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
           }
         }
         for (int h = 0; h < Heads; ++h)
-          for (int j = 0; j < vectors; j += 2) {
-            even[h] = simd::dot_add(even[h], simd::load_words(q + h * HeadDim + j * simd::word_width), key[j]);
-            odd[h] = simd::dot_add(odd[h], simd::load_words(q + h * HeadDim + (j + 1) * simd::word_width), key[j + 1]);
-          }
+          for (int j = 0; j < vectors; ++j)
+            sums[h] = simd::dot_add(sums[h], simd::load_words(q + h * HeadDim + j * simd::word_width), key[j]);
       }
-      for (int h = 0; h < Heads; ++h) partial[h][r] = simd::add(even[h], odd[h]);
+      for (int h = 0; h < Heads; ++h) partial[h][r] = sums[h];
     }
     const simd::floats scale = row_scale == nullptr ? simd::broadcast(1.0f) : simd::load_first(row_scale + first, count);
     for (int h = 0; h < Heads; ++h)
@@ -348,6 +346,8 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
                              const Storage* prefetch);
+template <int HeadDim>
+void round_group_queries(const float* q, int heads, const float* params, std::int16_t* words, float* unit, float* bias);
 #endif
 
 // Codes scored and accumulated with integer multiply-adds (AVX-512 VNNI) against queries and
@@ -376,6 +376,31 @@ void round_queries(const float* q, int heads, int head_dim, std::int16_t* words,
     unit[h] = absmax / top_word;
     simd::round_to_words(row, head_dim, absmax > 0.0f ? top_word / absmax : 0.0f, std::same_as<Storage, int4x2>,
                          words + static_cast<std::size_t>(h) * head_dim);
+  }
+}
+
+// Group-quantized keys (int4) scored with integers: q * the group's channel scales rounded to
+// words as round_queries does, and bias[h] = q_h . the channel minima (scale_queries below says
+// why), in one pass over each query.
+//   q, words: [heads][HeadDim]; params: [2][HeadDim] (scales, then minima)
+template <int HeadDim>
+void round_group_queries(const float* q, int heads, const float* params, std::int16_t* words, float* unit, float* bias) {
+  constexpr float top_word = 32767.0f;
+  for (int h = 0; h < heads; ++h) {
+    const float* row = q + static_cast<std::size_t>(h) * HeadDim;
+    alignas(64) float scaled[HeadDim];
+    simd::floats top = simd::zero(), dot = simd::zero();
+    for (int d = 0; d < HeadDim; d += simd::width) {
+      const simd::floats query = simd::load(row + d), product = simd::mul(query, simd::load(params + d));
+      simd::store(scaled + d, product);
+      top = simd::max(top, simd::abs(product));
+      dot = simd::fma(query, simd::load(params + HeadDim + d), dot);
+    }
+    const float absmax = simd::max(top);
+    unit[h] = absmax / top_word;
+    bias[h] = simd::sum(dot);
+    simd::round_to_words(scaled, HeadDim, absmax > 0.0f ? top_word / absmax : 0.0f, true,
+                         words + static_cast<std::size_t>(h) * HeadDim);
   }
 }
 #endif
@@ -502,12 +527,15 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         v_params = segment.v_scale + (kv_head * head_groups * view.group_tokens +
                                       static_cast<std::size_t>(tile - segment.first_position)) * 2;
         if (!last_tile) prefetch_lines(v_params + 2 * rows, 2 * rows * sizeof(float));
-        if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
         if (params != scaled_group) {  // a group spans tiles
           if (tile + view.group_tokens < segment.first_position + segment.count)
             prefetch_lines(params + 2 * head_dim, 2 * head_dim * sizeof(float));
-          scale_queries(q, heads, head_dim, params, q_group, bias);
-          if constexpr (integer) round_queries<S>(q_group, heads, head_dim, q_words, q_unit);
+          if constexpr (integer) {
+            round_group_queries<HeadDim>(q, heads, params, q_words, q_unit, bias);
+          } else {
+            if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+            scale_queries(q, heads, head_dim, params, q_group, bias);
+          }
         }
         scaled_group = params;
         q_tile = q_group;
