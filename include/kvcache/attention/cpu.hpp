@@ -59,7 +59,7 @@ namespace simd = kvcache::detail::simd;
 
 inline constexpr int heads_per_pass = 64;  // rows (query heads, or heads x queries in prefill)
                                            // sharing one read of K/V; larger groups take passes
-inline constexpr int tile_rows = 32;      // the most key rows scored before one softmax update
+inline constexpr int tile_rows = 64;      // the most key rows scored before one softmax update
 inline constexpr std::size_t inline_elements = std::size_t{1} << 16;  // K elements below which a call stays on one thread
 inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges of at least this many keys
 
@@ -67,13 +67,17 @@ inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges
 template <class Storage>
 concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 
-// Key rows per softmax update. Passes of up to 4 heads (decode) are bound by memory: as many
-// rows as make 4 KiB of K (at least 8), so that a tile of K and V and the next one's
-// (prefetched) stay in L1; longer tiles measured slower from memory. Passes of more heads
-// (prefill, MQA) are bound by the FMAs and load and store their accumulators once per tile:
-// the longest tile (f32 prefill measured 0.25 of the FMA peak with 8 rows, 0.53 with 32).
-inline constexpr int rows_per_tile(std::size_t row_bytes, int heads) {
-  return heads > 4 ? tile_rows : static_cast<int>(std::clamp<std::size_t>(4096 / row_bytes, 8, tile_rows));
+// Key rows per softmax update. Float passes of up to 4 heads (decode) are bound by memory: as
+// many rows as make 4 KiB of K (at least 8), so that a tile of K and V and the next one's
+// (prefetched) stay in L1; longer tiles measured slower from memory. Float passes of more heads
+// (prefill, MQA) are bound by the FMAs and load and store their accumulators once per tile: 32
+// rows (f32 prefill measured 0.25 of the FMA peak with 8 rows, 0.53 with 32). Integer codes
+// (integer_dot) are bound by the latency of each softmax update, which the next tile's work
+// cannot overlap: the longest tile (int8 decode, 4 heads, in L2: 32.1 cycles per row with 32
+// rows, 28.2 with 64).
+inline constexpr int rows_per_tile(std::size_t row_bytes, int heads, bool integer) {
+  if (integer) return tile_rows;
+  return heads > 4 ? 32 : static_cast<int>(std::clamp<std::size_t>(4096 / row_bytes, 8, 32));
 }
 
 // Calls f with std::integral_constant<int, n> for the largest n in {8, 4, 2, 1} not above
@@ -236,12 +240,13 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 // (round_queries): each row's codes widen to words in registers and are dotted with every
 // head's words by integer multiply-adds, summed exactly in 32-bit lanes (at most
 // 256 * 127 * 32767 < 2^31), then scaled by the head's `unit` (the value of one query step)
-// and, where given, by the row's scale and offset by the head's bias.
+// and, where given, by the row's scale and offset by the head's bias. Row r's scores go to
+// column `column + r` (nothing past it: a tile of int4 is scored in parts, one per K group).
 //   q: [Heads][HeadDim] words in the order simd::load_words gives the codes
 //   row_scale: [rows] or null; bias: [Heads] or null
 template <int HeadDim, int Heads, class Storage>
 void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
-                        const float* bias, float (*scores)[tile_rows], const Storage* prefetch) {
+                        const float* bias, float (*scores)[tile_rows], int column, const Storage* prefetch) {
   constexpr int width = simd::width, vectors = HeadDim / simd::word_width, units = elements_per_unit<Storage>;
   static_assert(vectors % 2 == 0, "two multiply-add chains per head");
   for (int first = 0; first < rows; first += width) {
@@ -270,16 +275,18 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
     }
     const simd::floats scale = row_scale == nullptr ? simd::broadcast(1.0f) : simd::load_first(row_scale + first, count);
     for (int h = 0; h < Heads; ++h)
-      simd::store(scores[h] + first, simd::fma(simd::mul(simd::sum_each_to_float(partial[h]), scale), simd::broadcast(unit[h]),
-                                               simd::broadcast(bias == nullptr ? 0.0f : bias[h])));
+      simd::store_first(scores[h] + column + first,
+                        simd::fma(simd::mul(simd::sum_each_to_float(partial[h]), scale), simd::broadcast(unit[h]),
+                                  simd::broadcast(bias == nullptr ? 0.0f : bias[h])),
+                        count);
   }
 }
 
 // As accumulate_rows, for integer codes (int8, int4): each head's weights are rounded to 16-bit
 // words (unit = its largest weight / 32767), and the codes of two rows at a time are
 // interleaved into word pairs and dotted with the two rows' weights, so one integer multiply-add
-// does the work of two FMAs. The sums are exact in 32-bit lanes (at most 32 rows * 128 * 32767
-// < 2^31) and added to acc, times the unit, once per tile. A weight moves by at most its unit / 2:
+// does the work of two FMAs. The sums are exact in 32-bit lanes (at most tile_rows * 128 *
+// 32767 < 2^31) and added to acc, times the unit, once per tile. A weight moves by at most its unit / 2:
 // 2^-16 of the tile's largest weight.
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
@@ -288,13 +295,18 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
   static_assert(simd::width == 16 && HeadDim % block == 0);
   alignas(64) std::int16_t weight[Heads][tile_rows];  // a weight of 0 past `rows`
   float unit[Heads];
+  constexpr int width = simd::width, vectors = tile_rows / width;
   for (int h = 0; h < Heads; ++h) {
-    const simd::floats low = simd::first_or(simd::load(p[h]), std::min(rows, 16), 0.0f);
-    const simd::floats high = rows > 16 ? simd::first_or(simd::load(p[h] + 16), rows - 16, 0.0f) : simd::zero();
-    const float largest = simd::max(simd::max(low, high));  // weights are >= 0
+    simd::floats weights[vectors];
+    simd::floats top = simd::zero();
+    for (int i = 0; i < vectors; ++i) {
+      const int first = i * width;
+      weights[i] = first < rows ? simd::first_or(simd::load(p[h] + first), std::min(rows - first, width), 0.0f) : simd::zero();
+      top = simd::max(top, weights[i]);
+    }
+    const float largest = simd::max(top);  // weights are >= 0
     const simd::floats factor = simd::broadcast(largest > 0.0f ? 32767.0f / largest : 0.0f);
-    simd::store_words(weight[h], simd::mul(low, factor));
-    simd::store_words(weight[h] + 16, simd::mul(high, factor));
+    for (int i = 0; i < vectors; ++i) simd::store_words(weight[h] + i * width, simd::mul(weights[i], factor));
     unit[h] = largest / 32767.0f;
   }
   for (int j = 0; j < HeadDim; j += block) {
@@ -342,7 +354,7 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
 #if !defined(KVCACHE_SIMD_INTEGER_DOT)  // declared for the discarded branches, never instantiated
 template <int HeadDim, int Heads, class Storage>
 void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
-                        const float* bias, float (*scores)[tile_rows], const Storage* prefetch);
+                        const float* bias, float (*scores)[tile_rows], int column, const Storage* prefetch);
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
                              const Storage* prefetch);
@@ -389,18 +401,19 @@ void round_group_queries(const float* q, int heads, const float* params, std::in
   for (int h = 0; h < heads; ++h) {
     const float* row = q + static_cast<std::size_t>(h) * HeadDim;
     alignas(64) float scaled[HeadDim];
-    simd::floats top = simd::zero(), dot = simd::zero();
+    simd::floats top[2] = {simd::zero(), simd::zero()}, dot[2] = {simd::zero(), simd::zero()};  // two chains each
     for (int d = 0; d < HeadDim; d += simd::width) {
       const simd::floats query = simd::load(row + d), product = simd::mul(query, simd::load(params + d));
       simd::store(scaled + d, product);
-      top = simd::max(top, simd::abs(product));
-      dot = simd::fma(query, simd::load(params + HeadDim + d), dot);
+      const int chain = d / simd::width % 2;
+      top[chain] = simd::max(top[chain], simd::abs(product));
+      dot[chain] = simd::fma(query, simd::load(params + HeadDim + d), dot[chain]);
     }
-    const float absmax = simd::max(top);
+    // A floor instead of a test for 0 (all-zero products round to 0 words with any factor).
+    const float absmax = std::max(simd::max(simd::max(top[0], top[1])), 1e-30f);
     unit[h] = absmax / top_word;
-    bias[h] = simd::sum(dot);
-    simd::round_to_words(scaled, HeadDim, absmax > 0.0f ? top_word / absmax : 0.0f, true,
-                         words + static_cast<std::size_t>(h) * HeadDim);
+    bias[h] = simd::sum(simd::add(dot[0], dot[1]));
+    simd::round_to_words(scaled, HeadDim, top_word / absmax, true, words + static_cast<std::size_t>(h) * HeadDim);
   }
 }
 #endif
@@ -495,14 +508,31 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   // types (S = float).
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
     constexpr bool group_quantized = GroupQuantizedStorage<S>;
+    constexpr bool integer = use_simd<HeadDim> && integer_dot<S>;  // scales and bias applied in scoring
     const int units = head_dim / elements_per_unit<S>;  // storage units per row
     // K parameter groups from one kv-head's to the next (int4 keeps them per kv-head like the rows)
     const std::size_t head_groups = group_quantized ? segment.head_stride / units / view.group_tokens : 0;
     const std::size_t head_offset = static_cast<std::size_t>(kv_head) * segment.head_stride;
+    auto group_end = [&](int position) { return (position / view.group_tokens + 1) * view.group_tokens; };
+    // Group-quantized keys: makes the queries (and bias) of the K group holding `position` current.
+    auto use_group = [&](const Segment<S>& of, int position) {
+      const int group = position / view.group_tokens - of.first_position / view.group_tokens;
+      const float* params = of.k_scale + (kv_head * head_groups + group) * 2 * head_dim;
+      if (params == scaled_group) return;  // a group spans tiles
+      if (group_end(position) < of.first_position + of.count)
+        prefetch_lines(params + 2 * head_dim, 2 * head_dim * sizeof(float));
+      if constexpr (integer) {
+        round_group_queries<HeadDim>(q, heads, params, q_words, q_unit, bias);
+      } else {
+        if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+        scale_queries(q, heads, head_dim, params, q_group, bias);
+      }
+      scaled_group = params;
+    };
     for (int tile = begin, rows = 0; tile < end; tile += rows) {
-      rows = std::min(rows_per_tile(units * sizeof(S), heads), end - tile);
-      if constexpr (group_quantized)  // one K group per tile
-        rows = std::min(rows, (tile / view.group_tokens + 1) * view.group_tokens - tile);
+      rows = std::min(rows_per_tile(units * sizeof(S), heads, integer), end - tile);
+      if constexpr (group_quantized && !integer)  // one K group per tile (integer scoring takes them in parts)
+        rows = std::min(rows, group_end(tile) - tile);
       const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * units;
       const S* k = segment.k + head_offset + first_row;  // [rows][head_dim]
       const S* v = segment.v + head_offset + first_row;  // [rows][head_dim]
@@ -515,30 +545,19 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         next_k = next_v = nullptr;
         if constexpr (std::same_as<S, Storage>) next_k = following.first, next_v = following.second;
       }
-      constexpr bool integer = use_simd<HeadDim> && integer_dot<S>;  // scales and bias applied in scoring
       // The scales and parameters of quantized rows lie apart from the rows, in streams of their
       // own that the hardware prefetcher follows too late (one thread, int8 at T = 16k: 1.17x
       // faster with the next tile's asked for; int4 1.16x): they are asked for a tile ahead too.
       const float* q_tile = q;
       const float* v_params = nullptr;  // group-quantized: [rows][2] (scale, minimum) of the V rows
       if constexpr (group_quantized) {
-        const int group = tile / view.group_tokens - segment.first_position / view.group_tokens;
-        const float* params = segment.k_scale + (kv_head * head_groups + group) * 2 * head_dim;
         v_params = segment.v_scale + (kv_head * head_groups * view.group_tokens +
                                       static_cast<std::size_t>(tile - segment.first_position)) * 2;
         if (!last_tile) prefetch_lines(v_params + 2 * rows, 2 * rows * sizeof(float));
-        if (params != scaled_group) {  // a group spans tiles
-          if (tile + view.group_tokens < segment.first_position + segment.count)
-            prefetch_lines(params + 2 * head_dim, 2 * head_dim * sizeof(float));
-          if constexpr (integer) {
-            round_group_queries<HeadDim>(q, heads, params, q_words, q_unit, bias);
-          } else {
-            if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
-            scale_queries(q, heads, head_dim, params, q_group, bias);
-          }
+        if constexpr (!integer) {
+          use_group(segment, tile);
+          q_tile = q_group;
         }
-        scaled_group = params;
-        q_tile = q_group;
       }
       // Quantized rows: the scale of a K row multiplies its scores, that of a V row its weights.
       const float *k_scale = nullptr, *v_scale = nullptr;
@@ -553,12 +572,22 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         }
       }
       if constexpr (integer) {
-        for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
-          first += dispatch_heads<8>(heads - first, [&](auto chunk) {
-            score_rows_integer<HeadDim, decltype(chunk)::value>(
-                k, rows, q_words + static_cast<std::size_t>(first) * HeadDim, q_unit + first, k_scale,
-                group_quantized ? bias + first : nullptr, scores + first, first == 0 ? next_k : nullptr);
-          });
+        // In parts of one K group each for int4 (whose queries depend on the group), else whole.
+        for (int part = 0, part_rows = 0; part < rows; part += part_rows) {
+          part_rows = rows - part;
+          if constexpr (group_quantized) {
+            part_rows = std::min(part_rows, group_end(tile + part) - (tile + part));
+            use_group(segment, tile + part);
+          }
+          const std::size_t offset = static_cast<std::size_t>(part) * units;
+          for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
+            first += dispatch_heads<8>(heads - first, [&](auto chunk) {
+              score_rows_integer<HeadDim, decltype(chunk)::value>(
+                  k + offset, part_rows, q_words + static_cast<std::size_t>(first) * HeadDim, q_unit + first,
+                  k_scale == nullptr ? nullptr : k_scale + part, group_quantized ? bias + first : nullptr, scores + first,
+                  part, first == 0 && next_k != nullptr ? next_k + offset : nullptr);
+            });
+        }
       } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
           first += dispatch_heads<8>(heads - first, [&](auto chunk) {

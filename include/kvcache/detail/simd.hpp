@@ -31,6 +31,9 @@ inline floats load(const float* p) { return _mm512_loadu_ps(p); }
 inline floats load_first(const float* p, int count) {  // p[0, count), zeros after; count <= 16
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
 }
+inline void store_first(float* p, floats v, int count) {  // lanes [0, count) to p; count <= 16
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), v);
+}
 inline floats load(const Eigen::half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
