@@ -12,9 +12,9 @@
 // int8 and int4 codes are instead widened to 16-bit integers: K rows are dotted with queries
 // rounded to 16-bit integers, V rows two at a time with softmax weights rounded likewise
 // (uses_integer_dot_products), 32 multiply-adds per instruction. The next tile's rows are
-// prefetched one row per row computed, and its scales with them. Work is split over (sequence, kv-head) and over token
-// ranges of long sequences (fixed by the sequence, so results are batch-invariant), whose
-// partial softmax states are merged in order.
+// prefetched one row per row computed, and its scales with them. Work is split over (sequence,
+// kv-head) and over token ranges of long sequences (fixed by the sequence, so results are
+// batch-invariant), whose partial softmax states are merged in order.
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
 // visible to all of its queries and read once for all of them.
 //
@@ -67,17 +67,16 @@ inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges
 template <class Storage>
 concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 
-// Key rows per softmax update. Float passes of up to 4 heads (decode) are bound by memory: as
-// many rows as make 4 KiB of K (at least 8), so that a tile of K and V and the next one's
-// (prefetched) stay in L1; longer tiles measured slower from memory. Float passes of more heads
-// (prefill, MQA) are bound by the FMAs and load and store their accumulators once per tile: 32
-// rows (f32 prefill measured 0.25 of the FMA peak with 8 rows, 0.53 with 32). Integer codes
-// (integer_dot) are bound by the latency of each softmax update, which the next tile's work
-// cannot overlap: the longest tile (int8 decode, 4 heads, in L2: 32.1 cycles per row with 32
-// rows, 28.2 with 64).
-inline constexpr int rows_per_tile(std::size_t row_bytes, int heads, bool integer) {
-  if (integer) return tile_rows;
-  return heads > 4 ? 32 : static_cast<int>(std::clamp<std::size_t>(4096 / row_bytes, 8, 32));
+// Key rows per softmax update. Passes of up to 4 heads (decode) are bound by memory: as many
+// rows as make 4 KiB of K (at least 8), so that a tile of K and V and the next one's
+// (prefetched) stay in L1; longer tiles measured slower from memory (int8 decode, one thread,
+// T = 16k: 1.1-1.2x slower with 64 rows than with 32), although each tile's softmax update costs
+// latency that the next tile's work cannot hide (int4's 64 rows of 64 bytes: 39.8 -> 36.6
+// cycles per row in L2 against 32). Passes of more heads (prefill, MQA) are bound by the FMAs
+// and load and store their accumulators once per tile: 32 rows (f32 prefill measured 0.25 of
+// the FMA peak with 8 rows, 0.53 with 32).
+inline constexpr int rows_per_tile(std::size_t row_bytes, int heads) {
+  return heads > 4 ? 32 : static_cast<int>(std::clamp<std::size_t>(4096 / row_bytes, 8, tile_rows));
 }
 
 // Calls f with std::integral_constant<int, n> for the largest n in {8, 4, 2, 1} not above
@@ -248,7 +247,7 @@ template <int HeadDim, int Heads, class Storage>
 void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
                         const float* bias, float (*scores)[tile_rows], int column, const Storage* prefetch) {
   constexpr int width = simd::width, vectors = HeadDim / simd::word_width, units = elements_per_unit<Storage>;
-  static_assert(vectors % 2 == 0, "two multiply-add chains per head");
+  static_assert(vectors % 2 == 0, "int4 codes widen to two vectors at a time");
   for (int first = 0; first < rows; first += width) {
     const int count = std::min(width, rows - first);
     simd::ints partial[Heads][width];
@@ -286,8 +285,8 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
 // words (unit = its largest weight / 32767), and the codes of two rows at a time are
 // interleaved into word pairs and dotted with the two rows' weights, so one integer multiply-add
 // does the work of two FMAs. The sums are exact in 32-bit lanes (at most tile_rows * 128 *
-// 32767 < 2^31) and added to acc, times the unit, once per tile. A weight moves by at most its unit / 2:
-// 2^-16 of the tile's largest weight.
+// 32767 < 2^31) and added to acc, times the unit, once per tile. A weight moves by at most its
+// unit / 2: 2^-16 of the tile's largest weight.
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
                              const Storage* prefetch) {
@@ -530,7 +529,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       scaled_group = params;
     };
     for (int tile = begin, rows = 0; tile < end; tile += rows) {
-      rows = std::min(rows_per_tile(units * sizeof(S), heads, integer), end - tile);
+      rows = std::min(rows_per_tile(units * sizeof(S), heads), end - tile);
       if constexpr (group_quantized && !integer)  // one K group per tile (integer scoring takes them in parts)
         rows = std::min(rows, group_end(tile) - tile);
       const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * units;
