@@ -358,7 +358,8 @@ template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
                              const Storage* prefetch);
 template <int HeadDim>
-void round_group_queries(const float* q, int heads, const float* params, std::int16_t* words, float* unit, float* bias);
+void round_group_queries(const float* q, int heads, const float* params, float* scaled, std::int16_t* words,
+                         float* unit, float* bias);
 #endif
 
 // Codes scored and accumulated with integer multiply-adds (AVX-512 VNNI) against queries and
@@ -373,46 +374,53 @@ inline constexpr bool integer_dot =
 #endif
 
 #if defined(KVCACHE_SIMD_INTEGER_DOT)
+// words = round(row / unit), unit = largest / 32767 (largest = max |row|, >= 0), saturating; in
+// the order in which simd::load_words gives int4 codes with `deinterleave`, else in order.
+// Returns unit (0 for an all-zero row, whose words are 0).
+inline float round_to_unit(const float* row, int count, float largest, bool deinterleave, std::int16_t* words) {
+  constexpr float top_word = 32767.0f;
+  simd::round_to_words(row, count, largest > 0.0f ? top_word / largest : 0.0f, deinterleave, words);
+  return largest / top_word;
+}
+
 // words[h] = round(q_h / unit[h]), unit[h] = max|q_h| / 32767, in the order in which
 // simd::load_words gives Storage's codes.
 //   q, words: [heads][head_dim], head_dim a multiple of 64
 template <class Storage>
 void round_queries(const float* q, int heads, int head_dim, std::int16_t* words, float* unit) {
-  constexpr float top_word = 32767.0f;
   for (int h = 0; h < heads; ++h) {
     const float* row = q + static_cast<std::size_t>(h) * head_dim;
     simd::floats top = simd::zero();
     for (int d = 0; d < head_dim; d += simd::width) top = simd::max(top, simd::abs(simd::load(row + d)));
-    const float absmax = simd::max(top);
-    unit[h] = absmax / top_word;
-    simd::round_to_words(row, head_dim, absmax > 0.0f ? top_word / absmax : 0.0f, std::same_as<Storage, int4x2>,
-                         words + static_cast<std::size_t>(h) * head_dim);
+    unit[h] = round_to_unit(row, head_dim, simd::max(top), std::same_as<Storage, int4x2>,
+                            words + static_cast<std::size_t>(h) * head_dim);
   }
 }
 
 // Group-quantized keys (int4) scored with integers: q * the group's channel scales rounded to
 // words as round_queries does, and bias[h] = q_h . the channel minima (scale_queries below says
-// why), in one pass over each query.
-//   q, words: [heads][HeadDim]; params: [2][HeadDim] (scales, then minima)
+// why). Each step runs for every head before the next, so that the heads' reductions overlap
+// (one head at a time measured 180 instead of 145 cycles for 4 heads).
+//   q, words, scaled (room for q * scales): [heads][HeadDim]; params: [2][HeadDim] (scales, then minima)
 template <int HeadDim>
-void round_group_queries(const float* q, int heads, const float* params, std::int16_t* words, float* unit, float* bias) {
-  constexpr float top_word = 32767.0f;
+void round_group_queries(const float* q, int heads, const float* params, float* scaled, std::int16_t* words,
+                         float* unit, float* bias) {
+  alignas(64) float largest[heads_per_pass];
   for (int h = 0; h < heads; ++h) {
-    const float* row = q + static_cast<std::size_t>(h) * HeadDim;
-    alignas(64) float scaled[HeadDim];
-    simd::floats top[2] = {simd::zero(), simd::zero()}, dot[2] = {simd::zero(), simd::zero()};  // two chains each
+    const std::size_t row = static_cast<std::size_t>(h) * HeadDim;
+    simd::floats top = simd::zero(), dot = simd::zero();
     for (int d = 0; d < HeadDim; d += simd::width) {
-      const simd::floats query = simd::load(row + d), product = simd::mul(query, simd::load(params + d));
-      simd::store(scaled + d, product);
-      const int chain = d / simd::width % 2;
-      top[chain] = simd::max(top[chain], simd::abs(product));
-      dot[chain] = simd::fma(query, simd::load(params + HeadDim + d), dot[chain]);
+      const simd::floats query = simd::load(q + row + d), product = simd::mul(query, simd::load(params + d));
+      simd::store(scaled + row + d, product);
+      top = simd::max(top, simd::abs(product));
+      dot = simd::fma(query, simd::load(params + HeadDim + d), dot);
     }
-    // A floor instead of a test for 0 (all-zero products round to 0 words with any factor).
-    const float absmax = std::max(simd::max(simd::max(top[0], top[1])), 1e-30f);
-    unit[h] = absmax / top_word;
-    bias[h] = simd::sum(simd::add(dot[0], dot[1]));
-    simd::round_to_words(scaled, HeadDim, top_word / absmax, true, words + static_cast<std::size_t>(h) * HeadDim);
+    largest[h] = simd::max(top);
+    bias[h] = simd::sum(dot);
+  }
+  for (int h = 0; h < heads; ++h) {
+    const std::size_t row = static_cast<std::size_t>(h) * HeadDim;
+    unit[h] = round_to_unit(scaled + row, HeadDim, largest[h], true, words + row);
   }
 }
 #endif
@@ -494,7 +502,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   alignas(64) float scores[heads_per_pass][tile_rows];  // [heads][rows] of the current tile
 
   std::pair<const Storage*, const Storage*> following{nullptr, nullptr};  // next segment's rows
-  float* q_group = nullptr;  // group-quantized keys: q * the group's channel scales
+  float* q_group = nullptr;  // group-quantized keys: q * the group's channel scales (before q_words)
   alignas(64) float bias[heads_per_pass];
   const float* scaled_group = nullptr;  // the parameters q_group and bias were made with
   std::int16_t* q_words = nullptr;       // integer scoring: q (or q_group) rounded to words
@@ -520,12 +528,11 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       if (params == scaled_group) return;  // a group spans tiles
       if (group_end(position) < of.first_position + of.count)
         prefetch_lines(params + 2 * head_dim, 2 * head_dim * sizeof(float));
-      if constexpr (integer) {
-        round_group_queries<HeadDim>(q, heads, params, q_words, q_unit, bias);
-      } else {
-        if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+      if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+      if constexpr (integer)
+        round_group_queries<HeadDim>(q, heads, params, q_group, q_words, q_unit, bias);
+      else
         scale_queries(q, heads, head_dim, params, q_group, bias);
-      }
       scaled_group = params;
     };
     for (int tile = begin, rows = 0; tile < end; tile += rows) {

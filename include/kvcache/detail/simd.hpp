@@ -222,7 +222,7 @@ inline void round_to_words(const float* in, int count, float factor, bool deinte
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), _mm512_cvtsepi32_epi16(lanes));
   };
   if (!deinterleave) {
-    for (int at = 0; at < count; at += 16) store(at, rounded(at));
+    for (int at = 0; at < count; at += 16) store_words(out + at, _mm512_mul_ps(_mm512_loadu_ps(in + at), times));
     return;
   }
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
