@@ -17,6 +17,10 @@
 //             a time into a fresh sequence, so every position's logits attend to the cached
 //             K/V of all earlier positions. Every position with a next token counts once; the
 //             texts of one prompt at -n 64..512 share their beginnings, which thus count more.
+//   KLD K, KLD V   the same KLD with only the keys (only the values) rounded as this type
+//             stores them and the other half exact (an f32 cache fed rounded rows): which half
+//             of the cache the loss comes from. "-" for int4, whose keys are rounded a group
+//             of tokens at a time, not row by row
 //   top1%     positions where both distributions have the same most likely token
 //   NLL       mean -log P_dtype(the text's next token), nats     dNLL   NLL - NLL of f32
 //   greedy    reference cases whose greedy (temperature 0) generation with this cache equals
@@ -124,14 +128,35 @@ std::vector<std::vector<int>> forced_inputs(const std::vector<ReferenceCase>& ca
 
 using Logits = std::vector<float>;  // [positions][vocab]
 
+// An f32 cache whose appends round the keys, or the values, as a DType cache stores them and
+// keep the other half exact. The model appends through it and attends to it as to any cache.
+enum class Half { keys, values };
+
+template <class DType, Half rounded>
+class HalfRoundedCache : public kvcache::KVCache<kvcache::Contiguous, kvcache::f32> {
+ public:
+  using KVCache::KVCache;
+
+  void append(int layer, kvcache::SeqId seq, std::span<const float> k, std::span<const float> v) {
+    const std::span<const float> rows = rounded == Half::keys ? k : v;
+    rounded_.assign(rows.begin(), rows.end());
+    kvcache::round_trip_rows<DType>(rounded_, shape().head_dim);
+    if constexpr (rounded == Half::keys) KVCache::append(layer, seq, rounded_, v);
+    else KVCache::append(layer, seq, k, rounded_);
+  }
+
+ private:
+  std::vector<float> rounded_;
+};
+
 // The logits at every position of every input, fed one token per forward call (the decode
-// path) into a fresh sequence of a DType cache. All inputs advance together, one batched
+// path) into a fresh sequence of a Cache (a KVCache<Contiguous, ...> or HalfRoundedCache). All inputs advance together, one batched
 // forward call per position, as a server decodes; f32 is computed the same way, so batching
 // cannot show up as a difference.
-template <class DType>
+template <class Cache>
 std::vector<Logits> forced_logits(llama2::Transformer& model, const std::vector<std::vector<int>>& inputs) {
   const llama2::Config& config = model.config();
-  kvcache::KVCache<kvcache::Contiguous, DType> cache(
+  Cache cache(
       config.kv_shape(),
       kvcache::Contiguous{.max_sequences = static_cast<int>(inputs.size()), .max_tokens = config.seq_len});
   const std::size_t vocab = static_cast<std::size_t>(config.vocab_size);
@@ -294,7 +319,7 @@ KVRows capture_model_rows(llama2::Transformer& model, const std::vector<int>& to
 Baseline make_baseline(llama2::Transformer& model, const std::vector<ReferenceCase>& cases) {
   Baseline baseline;
   baseline.inputs = forced_inputs(cases);
-  baseline.logits = forced_logits<kvcache::f32>(model, baseline.inputs);
+  baseline.logits = forced_logits<kvcache::KVCache<kvcache::Contiguous, kvcache::f32>>(model, baseline.inputs);
   baseline.random_rows = random_rows(llama3_8b_layer, random_tokens, seed);
   const auto longest = std::max_element(baseline.inputs.begin(), baseline.inputs.end(),
                                         [](const auto& a, const auto& b) { return a.size() < b.size(); });
@@ -306,17 +331,25 @@ Baseline make_baseline(llama2::Transformer& model, const std::vector<ReferenceCa
 struct Row {
   std::string dtype;
   ForcedMetrics forced;
+  double kld_keys_only = std::numeric_limits<double>::quiet_NaN();    // NaN: not measured (int4)
+  double kld_values_only = std::numeric_limits<double>::quiet_NaN();
   GreedyMetrics greedy;
   ErrorSummary attention_random, attention_model;
   std::size_t bytes_per_token = 0;
   double bytes_vs_f16 = 0, llama3_bytes_vs_f16 = 0;
 };
 
+// Teacher-forced metrics of the model on a Cache, against the f32 cache's.
+template <class Cache>
+ForcedMetrics forced_metrics(llama2::Transformer& model, const std::vector<ReferenceCase>& cases, const Baseline& baseline) {
+  const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
+  return compare_forced(baseline.logits, forced_logits<Cache>(model, baseline.inputs), cases, vocab);
+}
+
 template <class DType>
 Row evaluate(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
              const std::vector<ReferenceCase>& cases, const Baseline& baseline) {
   const kvcache::ModelShape shape = model.config().kv_shape();
-  const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
   const int random_lengths[] = {random_tokens};
   std::vector<int> every_length(static_cast<std::size_t>(baseline.model_rows.tokens));
   for (std::size_t i = 0; i < every_length.size(); ++i) every_length[i] = static_cast<int>(i) + 1;
@@ -325,7 +358,11 @@ Row evaluate(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
   };
   Row row;
   row.dtype = std::string(std::string_view(DType::name));
-  row.forced = compare_forced(baseline.logits, forced_logits<DType>(model, baseline.inputs), cases, vocab);
+  row.forced = forced_metrics<kvcache::KVCache<kvcache::Contiguous, DType>>(model, cases, baseline);
+  if constexpr (kvcache::FloatElement<DType> || kvcache::QuantizedElement<DType>) {
+    row.kld_keys_only = forced_metrics<HalfRoundedCache<DType, Half::keys>>(model, cases, baseline).kld;
+    row.kld_values_only = forced_metrics<HalfRoundedCache<DType, Half::values>>(model, cases, baseline).kld;
+  }
   row.greedy = greedy_agreement<DType>(model, tokenizer, cases);
   row.attention_random = decode_error<DType>(baseline.random_rows, random_lengths, random_queries, seed);
   row.attention_model = decode_error<DType>(baseline.model_rows, every_length, 1, seed);
@@ -353,14 +390,16 @@ std::string format(const char* pattern, double value) {
 }
 
 void print_table(const std::vector<Row>& rows) {
-  std::printf("%-17s %10s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "top1%", "NLL", "dNLL",
+  std::printf("%-17s %10s %10s %10s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "KLD K", "KLD V",
+              "top1%", "NLL", "dNLL",
               "greedy", "div mean", "div min", "attn rand", "attn model", "B/token", "vs f16", "8B vs f16");
   for (const Row& row : rows) {
     const GreedyMetrics& greedy = row.greedy;
     const std::string exact = std::to_string(greedy.exact) + "/" + std::to_string(greedy.cases);
     const int minimum = greedy.divergence_min();
-    std::printf("%-17s %10.3e %7.2f %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n", row.dtype.c_str(),
-                row.forced.kld, 100 * row.forced.top1_agreement, row.forced.nll, row.forced.nll_delta, exact.c_str(),
+    std::printf("%-17s %10.3e %10s %10s %7.2f %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n",
+                row.dtype.c_str(), row.forced.kld, format("%.3e", row.kld_keys_only).c_str(),
+                format("%.3e", row.kld_values_only).c_str(), 100 * row.forced.top1_agreement, row.forced.nll, row.forced.nll_delta, exact.c_str(),
                 format("%.1f", greedy.divergence_mean()).c_str(), minimum < 0 ? "-" : std::to_string(minimum).c_str(),
                 row.attention_random.mean, row.attention_model.mean, row.bytes_per_token, row.bytes_vs_f16,
                 row.llama3_bytes_vs_f16);
@@ -383,6 +422,8 @@ std::string json_object(const Row& row) {
   const int minimum = row.greedy.divergence_min();
   field("dtype", "\"" + row.dtype + "\"");
   field("kld", json_number(row.forced.kld));
+  field("kld_keys_only", json_number(row.kld_keys_only));
+  field("kld_values_only", json_number(row.kld_values_only));
   field("top1_agreement", json_number(row.forced.top1_agreement));
   field("nll", json_number(row.forced.nll));
   field("nll_delta", json_number(row.forced.nll_delta));

@@ -37,25 +37,11 @@ std::vector<float> rounded(std::vector<float> values) {
   return values;
 }
 
-// What a cache of DType stores for rows of head_dim values: float types round each element,
-// quantized types quantize each row with its own scale and decode it (rotated types rotate
-// the row first and back after).
+// What a cache of DType stores for rows of head_dim values (round_trip_rows).
 template <class DType>
 std::vector<float> stored(std::vector<float> values, int head_dim) {
-  if constexpr (QuantizedElement<DType>) {
-    std::vector<typename DType::storage_type> codes(static_cast<std::size_t>(head_dim));
-    for (std::size_t first = 0; first < values.size(); first += static_cast<std::size_t>(head_dim)) {
-      const std::span<float> row(values.data() + first, static_cast<std::size_t>(head_dim));
-      if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(row.data(), head_dim);
-      const float scale = DType::row_scale(row);
-      DType::quantize_row(row, scale, codes.data());
-      for (int d = 0; d < head_dim; ++d) row[static_cast<std::size_t>(d)] = DType::decode(codes[static_cast<std::size_t>(d)]) * scale;
-      if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(row.data(), head_dim);  // H = H^-1
-    }
-    return values;
-  } else {
-    return rounded<DType>(std::move(values));
-  }
+  round_trip_rows<DType>(values, head_dim);
+  return values;
 }
 
 // The value a segment holds for element d of row r of kv-head `head`, of K (kind 0) or V (1).
