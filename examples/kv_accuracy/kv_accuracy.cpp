@@ -21,6 +21,9 @@
 //             stores them and the other half exact (an f32 cache fed rounded rows): which half
 //             of the cache the loss comes from. "-" for int4, whose keys are rounded a group
 //             of tokens at a time, not row by row
+//   KLD W32, W32 (top1%)   KLD and agreement with the newest 32 tokens of each sequence in full
+//             precision and only older ones rounded (a full-precision window, as int4's
+//             residual rows are): how much of the loss the newest keys carry. "-" for int4
 //   top1%     positions where both distributions have the same most likely token
 //   NLL       mean -log P_dtype(the text's next token), nats     dNLL   NLL - NLL of f32
 //   greedy    reference cases whose greedy (temperature 0) generation with this cache equals
@@ -83,6 +86,7 @@ const kvcache::ModelShape llama3_8b_layer{.layers = 1, .q_heads = 32, .kv_heads 
 constexpr int random_tokens = 2048;
 constexpr int random_queries = 16;
 constexpr std::uint64_t seed = 1;
+constexpr int exact_window = 32;  // newest tokens kept in full precision for the "W32" columns
 
 struct Options {
   std::string model_dir = default_model_dir;
@@ -149,8 +153,61 @@ class HalfRoundedCache : public kvcache::KVCache<kvcache::Contiguous, kvcache::f
   std::vector<float> rounded_;
 };
 
+// An f32 cache whose rows are rounded as a DType cache stores them only once `exact_tokens`
+// newer positions follow: a cache that keeps a window of the newest tokens in full precision
+// (as int4's residual rows do, whatever the type). Each step, at the first layer's append of
+// one token, the position leaving the window is rounded in every layer: the sequence is
+// truncated to before it and the rows appended again.
+template <class DType, int exact_tokens>
+class RecentExactCache : public kvcache::KVCache<kvcache::Contiguous, kvcache::f32> {
+ public:
+  using KVCache::KVCache;
+
+  void append(int layer, kvcache::SeqId seq, std::span<const float> k, std::span<const float> v) {
+    const int leaving = length(seq) - exact_tokens;
+    if (layer == 0 && leaving >= 0) round_position(seq, leaving);
+    KVCache::append(layer, seq, k, v);
+  }
+
+ private:
+  void round_position(kvcache::SeqId seq, int position) {
+    const kvcache::ModelShape& s = shape();
+    const std::size_t row = static_cast<std::size_t>(s.kv_heads) * s.head_dim;
+    const std::size_t head_dim = static_cast<std::size_t>(s.head_dim);
+    std::vector<std::vector<float>>& k = saved_[0];
+    std::vector<std::vector<float>>& v = saved_[1];
+    k.resize(static_cast<std::size_t>(s.layers));
+    v.resize(static_cast<std::size_t>(s.layers));
+    for (int layer = 0; layer < s.layers; ++layer) {  // rows [position, length) of each layer
+      const std::size_t l = static_cast<std::size_t>(layer);
+      k[l].assign(static_cast<std::size_t>(exact_tokens) * row, 0.0f);
+      v[l].assign(k[l].size(), 0.0f);
+      const auto view = this->view(layer, seq);
+      for (int i = 0; i < view.segment_count(); ++i) {
+        const auto segment = view.segment(i);
+        for (int r = std::max(0, position - segment.first_position); r < segment.count; ++r)
+          for (std::size_t head = 0; head < static_cast<std::size_t>(s.kv_heads); ++head) {
+            const std::size_t from = head * segment.head_stride + static_cast<std::size_t>(r) * head_dim;
+            const std::size_t to = static_cast<std::size_t>(segment.first_position + r - position) * row + head * head_dim;
+            std::copy_n(segment.k + from, head_dim, k[l].begin() + static_cast<std::ptrdiff_t>(to));
+            std::copy_n(segment.v + from, head_dim, v[l].begin() + static_cast<std::ptrdiff_t>(to));
+          }
+      }
+      kvcache::round_trip_rows<DType>(std::span(k[l]).first(row), s.head_dim);
+      kvcache::round_trip_rows<DType>(std::span(v[l]).first(row), s.head_dim);
+    }
+    truncate(seq, position);
+    reserve(seq, exact_tokens + 1);
+    for (int layer = 0; layer < s.layers; ++layer)
+      KVCache::append(layer, seq, saved_[0][static_cast<std::size_t>(layer)], saved_[1][static_cast<std::size_t>(layer)]);
+  }
+
+  std::vector<std::vector<float>> saved_[2];  // K, V: [layer][exact_tokens][kv_heads][head_dim]
+};
+
 // The logits at every position of every input, fed one token per forward call (the decode
-// path) into a fresh sequence of a Cache (a KVCache<Contiguous, ...> or HalfRoundedCache). All inputs advance together, one batched
+// path) into a fresh sequence of a Cache (a KVCache<Contiguous, ...>, HalfRoundedCache or
+// RecentExactCache). All inputs advance together, one batched
 // forward call per position, as a server decodes; f32 is computed the same way, so batching
 // cannot show up as a difference.
 template <class Cache>
@@ -333,6 +390,7 @@ struct Row {
   ForcedMetrics forced;
   double kld_keys_only = std::numeric_limits<double>::quiet_NaN();    // NaN: not measured (int4)
   double kld_values_only = std::numeric_limits<double>::quiet_NaN();
+  ForcedMetrics recent_exact;  // the newest exact_window tokens exact (when kld_keys_only is measured)
   GreedyMetrics greedy;
   ErrorSummary attention_random, attention_model;
   std::size_t bytes_per_token = 0;
@@ -362,6 +420,7 @@ Row evaluate(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
   if constexpr (kvcache::FloatElement<DType> || kvcache::QuantizedElement<DType>) {
     row.kld_keys_only = forced_metrics<HalfRoundedCache<DType, Half::keys>>(model, cases, baseline).kld;
     row.kld_values_only = forced_metrics<HalfRoundedCache<DType, Half::values>>(model, cases, baseline).kld;
+    row.recent_exact = forced_metrics<RecentExactCache<DType, exact_window>>(model, cases, baseline);
   }
   row.greedy = greedy_agreement<DType>(model, tokenizer, cases);
   row.attention_random = decode_error<DType>(baseline.random_rows, random_lengths, random_queries, seed);
@@ -390,16 +449,18 @@ std::string format(const char* pattern, double value) {
 }
 
 void print_table(const std::vector<Row>& rows) {
-  std::printf("%-17s %10s %10s %10s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "KLD K", "KLD V",
-              "top1%", "NLL", "dNLL",
+  std::printf("%-17s %10s %10s %10s %10s %7s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "KLD K",
+              "KLD V", "KLD W32", "top1%", "W32", "NLL", "dNLL",
               "greedy", "div mean", "div min", "attn rand", "attn model", "B/token", "vs f16", "8B vs f16");
   for (const Row& row : rows) {
     const GreedyMetrics& greedy = row.greedy;
     const std::string exact = std::to_string(greedy.exact) + "/" + std::to_string(greedy.cases);
     const int minimum = greedy.divergence_min();
-    std::printf("%-17s %10.3e %10s %10s %7.2f %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n",
+    const bool windowed = !std::isnan(row.kld_keys_only);
+    std::printf("%-17s %10.3e %10s %10s %10s %7.2f %7s %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n",
                 row.dtype.c_str(), row.forced.kld, format("%.3e", row.kld_keys_only).c_str(),
-                format("%.3e", row.kld_values_only).c_str(), 100 * row.forced.top1_agreement, row.forced.nll, row.forced.nll_delta, exact.c_str(),
+                format("%.3e", row.kld_values_only).c_str(), windowed ? format("%.3e", row.recent_exact.kld).c_str() : "-",
+                100 * row.forced.top1_agreement, windowed ? format("%.2f", 100 * row.recent_exact.top1_agreement).c_str() : "-", row.forced.nll, row.forced.nll_delta, exact.c_str(),
                 format("%.1f", greedy.divergence_mean()).c_str(), minimum < 0 ? "-" : std::to_string(minimum).c_str(),
                 row.attention_random.mean, row.attention_model.mean, row.bytes_per_token, row.bytes_vs_f16,
                 row.llama3_bytes_vs_f16);
@@ -424,6 +485,11 @@ std::string json_object(const Row& row) {
   field("kld", json_number(row.forced.kld));
   field("kld_keys_only", json_number(row.kld_keys_only));
   field("kld_values_only", json_number(row.kld_values_only));
+  const bool windowed = !std::isnan(row.kld_keys_only);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  field("recent_exact_tokens", std::to_string(exact_window));
+  field("kld_recent_exact", json_number(windowed ? row.recent_exact.kld : nan));
+  field("top1_agreement_recent_exact", json_number(windowed ? row.recent_exact.top1_agreement : nan));
   field("top1_agreement", json_number(row.forced.top1_agreement));
   field("nll", json_number(row.forced.nll));
   field("nll_delta", json_number(row.forced.nll_delta));
