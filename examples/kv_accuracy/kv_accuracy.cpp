@@ -4,11 +4,12 @@
 //
 // Runs the stories260K model (DIR holds stories260K.bin, tok512.bin and expected.jsonl, the 32
 // greedy outputs of llama2.c) with a cache of each element type, f32, f16, bf16, int8,
-// fp8_e4m3, fp8_e5m2, the Hadamard-rotated int8 and fp8_e4m3, int4 and int4_hadamard, and compares it with
-// the same model on an f32 cache. The weights and all arithmetic stay f32; only the cached K/V
-// are rounded (int8, fp8: one float scale per row, that is per token and kv-head; int4: keys per
-// channel over groups of 32 tokens, values per row, the newest tokens of each sequence in
-// full precision until their group fills). The f32 row checks the harness itself: it must show
+// fp8_e4m3, fp8_e5m2, the Hadamard-rotated int8 and fp8_e4m3, int4 and int4_hadamard,
+// int8_residual and fp8_e4m3_residual, and compares it with the same model on an f32 cache.
+// The weights and all arithmetic stay f32; only the cached K/V are rounded (int8, fp8: one float
+// scale per row, that is per token and kv-head; int4: keys per channel over groups of 32
+// tokens, values per row; int4 and the residual types keep the newest tokens of each sequence
+// in full precision until 32 of them are quantized together). The f32 row checks the harness itself: it must show
 // KLD 0, agreement 100% and every greedy case exact.
 //
 // Columns, per element type:
@@ -20,10 +21,10 @@
 //   KLD K, KLD V   the same KLD with only the keys (only the values) rounded as this type
 //             stores them and the other half exact (an f32 cache fed rounded rows): which half
 //             of the cache the loss comes from. "-" for int4, whose keys are rounded a group
-//             of tokens at a time, not row by row
+//             of tokens at a time, not row by row, and for the residual types
 //   KLD W32, W32 (top1%)   KLD and agreement with the newest 32 tokens of each sequence in full
 //             precision and only older ones rounded (a full-precision window, as int4's
-//             residual rows are): how much of the loss the newest keys carry. "-" for int4
+//             residual rows are): how much of the loss the newest keys carry. "-" where KLD K is
 //   top1%     positions where both distributions have the same most likely token
 //   NLL       mean -log P_dtype(the text's next token), nats     dNLL   NLL - NLL of f32
 //   greedy    reference cases whose greedy (temperature 0) generation with this cache equals
@@ -417,7 +418,7 @@ Row evaluate(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
   Row row;
   row.dtype = std::string(std::string_view(DType::name));
   row.forced = forced_metrics<kvcache::KVCache<kvcache::Contiguous, DType>>(model, cases, baseline);
-  if constexpr (kvcache::FloatElement<DType> || kvcache::QuantizedElement<DType>) {
+  if constexpr ((kvcache::FloatElement<DType> || kvcache::QuantizedElement<DType>) && kvcache::residual_tokens<DType> == 0) {
     row.kld_keys_only = forced_metrics<HalfRoundedCache<DType, Half::keys>>(model, cases, baseline).kld;
     row.kld_values_only = forced_metrics<HalfRoundedCache<DType, Half::values>>(model, cases, baseline).kld;
     row.recent_exact = forced_metrics<RecentExactCache<DType, exact_window>>(model, cases, baseline);
@@ -544,6 +545,8 @@ int main(int argc, char** argv) {
     rows.push_back(evaluate<kvcache::fp8_e4m3_hadamard>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::int4>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::int4_hadamard>(model, tokenizer, cases, baseline));
+    rows.push_back(evaluate<kvcache::int8_residual>(model, tokenizer, cases, baseline));
+    rows.push_back(evaluate<kvcache::fp8_e4m3_residual>(model, tokenizer, cases, baseline));
 
     print_summary(checkpoint.config(), cases, baseline, rows.front().forced.positions);
     print_table(rows);

@@ -13,8 +13,9 @@ namespace llama2 {
 
 struct CacheChoice {
   std::string policy = "contiguous";  // contiguous | paged | window | none
-  std::string dtype = "f32";          // f32 f16 bf16 int8 fp8_e4m3 fp8_e5m2 int8_hadamard fp8_e4m3_hadamard
-                                      // int4 (contiguous, or paged with blocks of 32)
+  std::string dtype = "f32";          // f32 f16 bf16 int8 fp8_e4m3 fp8_e5m2 int8_hadamard fp8_e4m3_hadamard;
+                                      // int4 int8_residual fp8_e4m3_residual (contiguous, or paged with
+                                      // blocks of 32)
   int block = 16;                     // paged: tokens per block (8, 16 or 32)
   int window = 0;                     // window: positions attended; 0 = the model's context
   int sinks = 0;                      // window: first positions kept forever
@@ -45,15 +46,20 @@ auto with_cache(const CacheChoice& choice, const Config& config, int sequences,
     if (choice.dtype == "fp8_e5m2") return go(fp8_e5m2{});
     if (choice.dtype == "int8_hadamard") return go(int8_hadamard{});
     if (choice.dtype == "fp8_e4m3_hadamard") return go(fp8_e4m3_hadamard{});
-    if (choice.dtype == "int4") {
-      // Only the policies whose pages hold whole 32-token groups are compiled for int4.
+    if (choice.dtype == "int4" || choice.dtype == "int8_residual" || choice.dtype == "fp8_e4m3_residual") {
+      // Only the policies whose pages hold whole 32-token groups are compiled for these.
       using Layout = decltype(make_policy());
-      if constexpr (std::same_as<Layout, Contiguous> || std::same_as<Layout, Paged<32>>) return go(int4{});
-      detail::fail(errc::invalid_configuration, "--dtype int4 stores keys in groups of 32 tokens: use --cache ",
+      if constexpr (std::same_as<Layout, Contiguous> || std::same_as<Layout, Paged<32>>) {
+        if (choice.dtype == "int4") return go(int4{});
+        if (choice.dtype == "int8_residual") return go(int8_residual{});
+        return go(fp8_e4m3_residual{});
+      }
+      detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype, " quantizes 32 tokens at a time: use --cache ",
                    "contiguous, or --cache paged --block 32");
     }
     detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype,
-                 ": use f32, f16, bf16, int8, fp8_e4m3, fp8_e5m2, int8_hadamard, fp8_e4m3_hadamard or int4");
+                 ": use f32, f16, bf16, int8, fp8_e4m3, fp8_e5m2, int8_hadamard, fp8_e4m3_hadamard, int4, int8_residual or ",
+                 "fp8_e4m3_residual");
   };
   auto paged = [&](auto block_constant) {
     constexpr int block = decltype(block_constant)::value;

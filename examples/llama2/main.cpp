@@ -2,7 +2,7 @@
 //
 //   llama2 <checkpoint> -z <tokenizer> [-t temperature] [-p top_p] [-s seed] [-n steps]
 //          [-i prompt | --prompts FILE] [--batch N]
-//          [--cache contiguous|paged|window|none] [--dtype f32|f16|bf16|int8|fp8_e4m3|fp8_e5m2|int8_hadamard|fp8_e4m3_hadamard|int4]
+//          [--cache contiguous|paged|window|none] [--dtype f32|f16|bf16|int8|fp8_e4m3|fp8_e5m2|int8_hadamard|fp8_e4m3_hadamard|int4|int8_residual|fp8_e4m3_residual]
 //          [--block 8|16|32] [--window W] [--sinks S]
 //
 // Standard output is the generated text exactly as llama2.c's run.c prints it (with --prompts,
@@ -24,7 +24,7 @@ namespace {
                "error: %s\n"
                "usage: llama2 <checkpoint> -z <tokenizer> [-t temperature] [-p top_p] [-s seed] [-n steps]\n"
                "              [-i prompt | --prompts FILE] [--batch N]\n"
-               "              [--cache contiguous|paged|window|none] [--dtype f32|f16|bf16|int8|fp8_e4m3|fp8_e5m2|int8_hadamard|fp8_e4m3_hadamard|int4]\n"
+               "              [--cache contiguous|paged|window|none] [--dtype f32|f16|bf16|int8|fp8_e4m3|fp8_e5m2|int8_hadamard|fp8_e4m3_hadamard|int4|int8_residual|fp8_e4m3_residual]\n"
                "              [--block 8|16|32] [--window W] [--sinks S]\n",
                message);
   std::exit(2);

@@ -1,7 +1,8 @@
 // KVCache<Layout, DType, Backend>: the keys and values of every layer for a set of sequences.
 //
 //   Layout   how positions map to memory: Contiguous, Paged<BlockTokens>, SlidingWindow
-//   DType    how one element is stored: f32, f16, bf16; int8, fp8_e4m3, fp8_e5m2 (+ a scale per row);
+//   DType    how one element is stored: f32, f16, bf16; int8, fp8_e4m3, fp8_e5m2 (+ a scale per row),
+//            int8_residual, fp8_e4m3_residual (the same, the newest tokens in full precision);
 //            int4 (keys per channel, values per token, the newest tokens in full precision)
 //   Backend  where the bytes live: backend::cpu, or backend::cuda (backend/cuda.hpp: device
 //            memory, host bookkeeping; append and attention take device pointers and a stream)
@@ -67,6 +68,8 @@ class KVCache {
                 "Hadamard-rotated types are CPU-only so far: the CUDA kernels do not rotate q");
   static_assert(B::host_accessible || !GroupQuantizedElement<DType>,
                 "int4 is CPU-only so far: there are no CUDA kernels for it");
+  static_assert(B::host_accessible || !ResidualQuantizedElement<DType>,
+                "residual types are CPU-only so far: the CUDA kernels do not read full-precision rows");
 
   // Allocates all storage. Throws Error{invalid_configuration} for a bad shape or policy.
   KVCache(const ModelShape& shape, const Layout& layout)
@@ -88,7 +91,7 @@ class KVCache {
                    "the memory math and the layout agree");
     free_slots_.reserve(slots_.size());
     for (int slot = layout.sequence_slots() - 1; slot >= 0; --slot) free_slots_.push_back(slot);
-    if constexpr (grouped) residual_.resize(slots_.size() * residual_bytes_per_sequence<DType>(shape) / sizeof(float));
+    if constexpr (staged) residual_.resize(slots_.size() * residual_bytes_per_sequence<DType>(shape) / sizeof(float));
   }
 
   KVCache(const KVCache&) = delete;
@@ -220,7 +223,7 @@ class KVCache {
                    " positions, but only ", reserved, " are reserved; call reserve(seq, ", n,
                    ") first");
 
-    if constexpr (grouped) {
+    if constexpr (staged) {
       for (int token = 0; token < n; ++token) stage_token(layer, slot, k.data() + token * row, v.data() + token * row);
     } else {
       write_rows(layer, n, [&](int token) { return book_.locate(slot, state.length + token); }, k.data(), v.data(),
@@ -267,7 +270,7 @@ class KVCache {
                      " positions and has no more reserved; call reserve(seq, 1) first");
     }
     const int n = static_cast<int>(seqs.size());
-    if constexpr (grouped) {
+    if constexpr (staged) {
       for (int i = 0; i < n; ++i) stage_token(layer, batch_slots_[static_cast<std::size_t>(i)], k.data() + i * row, v.data() + i * row);
     } else {
       write_rows(layer, n,
@@ -308,7 +311,7 @@ class KVCache {
                        retention_.ring_tokens - retention_.window, " positions");
       }
     }
-    if constexpr (grouped)
+    if constexpr (staged)
       for (int layer = 0; layer < shape_.layers; ++layer) unstage_group(layer, slot, length);
     book_.truncate(slot, length);
     for (int layer = 0; layer < shape_.layers; ++layer) {
@@ -342,7 +345,7 @@ class KVCache {
     sync_device_table(to);
     for (int layer = 0; layer < shape_.layers; ++layer)
       layer_state(to, layer) = layer_state(from, layer);
-    if constexpr (grouped)  // the residual rows in use: those of the positions after the last whole group
+    if constexpr (staged)  // the residual rows in use: those of the positions after the last whole group
       for (int layer = 0; layer < shape_.layers; ++layer)
         for (int kind = 0; kind < 2; ++kind)
           for (int head = 0; head < shape_.kv_heads; ++head) {
@@ -370,8 +373,9 @@ class KVCache {
     view.window = retention_.window;
     view.sink_tokens = retention_.sink_tokens;
     view.first_held = retention_.ring_tokens > 0 ? std::max(state.first_held, retention_.sink_tokens) : 0;
-    // Group-quantized types: the positions of the last, incomplete group are in the residual rows.
-    const int stored = grouped ? state.length / group_tokens * group_tokens : state.length;
+    // Group-quantized and residual types: the positions of the last, incomplete group are in
+    // the residual rows.
+    const int stored = staged ? state.length / group_tokens * group_tokens : state.length;
     book_.segments(slot, stored, view.first_held, pool(layer, 0), pool(layer, 1), view);
     if constexpr (device_paged) view.block_ids = device_tables_.row(slot);
     view.hadamard = is_hadamard_rotated<DType>;
@@ -396,9 +400,10 @@ class KVCache {
         segment.k_scale = key_params(layer, page, 0, page_row);
         segment.v_scale = value_params(layer, page, 0, page_row);
       }
+    }
+    if constexpr (staged)
       view.residual = {residual(slot, layer, 0), residual(slot, layer, 1),
                        static_cast<std::size_t>(group_tokens) * shape_.head_dim, stored, state.length - stored};
-    }
     return view;
   }
 
@@ -548,16 +553,18 @@ class KVCache {
     if (is_hadamard_rotated<DType> && (shape.head_dim & (shape.head_dim - 1)) != 0)
       detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a power of two for ",
                    DType::name, ": the Hadamard rotation needs one");
-    if constexpr (GroupQuantizedElement<DType>) {
-      const Retention retention = layout.retention();
+    if constexpr (GroupQuantizedElement<DType>)
       if (shape.head_dim % 4 != 0)
         detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a multiple of 4 for ",
                      DType::name, ": two codes per byte, and whole bytes of group scales per token");
-      if (layout.page_tokens() % DType::group_tokens != 0 || retention.sink_tokens % DType::group_tokens != 0 ||
-          retention.ring_tokens % DType::group_tokens != 0)
+    if constexpr (staged) {
+      // A group is quantized into consecutive rows of one page, and a window's ring drops whole groups.
+      const Retention retention = layout.retention();
+      if (layout.page_tokens() % group_tokens != 0 || retention.sink_tokens % group_tokens != 0 ||
+          retention.ring_tokens % group_tokens != 0)
         detail::fail(errc::invalid_configuration, "a ", Layout::name, " page of ", layout.page_tokens(),
                      " tokens (sinks ", retention.sink_tokens, ", ring ", retention.ring_tokens, ") does not hold whole ",
-                     DType::name, " groups of ", DType::group_tokens,
+                     DType::name, " groups of ", group_tokens,
                      " tokens; use multiples of it (Paged<32> or larger, max_tokens, sink_tokens and window + slack_tokens)");
     }
     const long double elements = static_cast<long double>(shape.layers) * 2 * layout.page_count() *
@@ -643,10 +650,10 @@ class KVCache {
 
   static constexpr bool quantized = QuantizedElement<DType>;
   static constexpr bool grouped = GroupQuantizedElement<DType>;
-  static constexpr int group_tokens = [] {
-    if constexpr (grouped) return DType::group_tokens;
-    else return 1;
-  }();
+  // Types whose newest tokens wait in full-precision residual rows until group_tokens of them
+  // are quantized together: int4 (a K group) and the residual types (their window).
+  static constexpr bool staged = residual_tokens<DType> > 0;
+  static constexpr int group_tokens = staged ? residual_tokens<DType> : 1;
   // Kernels on a device backend read a device copy of paged block tables.
   static constexpr bool device_paged =
       !B::host_accessible && requires(const typename Layout::bookkeeping& book) { book.tables(); };
@@ -740,25 +747,30 @@ class KVCache {
   // Converts one row of head_dim input values into the pool at element offset `target`.
   template <class In>
   void store_row(int layer, int kind, std::size_t target, const In* row) {
-    storage_type* stored = pool(layer, kind) + target;
     if constexpr (quantized) {
       alignas(64) float values[ModelShape::max_head_dim];
       for (int d = 0; d < shape_.head_dim; ++d) values[d] = to_float(row[d]);
       if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(values, shape_.head_dim);
-      const std::span<const float> floats(values, static_cast<std::size_t>(shape_.head_dim));
-      const float scale = DType::row_scale(floats);
-      DType::quantize_row(floats, scale, stored);
-      scale_pool(layer, kind)[target / static_cast<std::size_t>(shape_.head_dim)] = scale;
+      quantize_row(layer, kind, target, values);
     } else {
+      storage_type* stored = pool(layer, kind) + target;
       for (int d = 0; d < shape_.head_dim; ++d) stored[d] = DType::from_float(to_float(row[d]));
     }
+  }
+  // Row-quantized types: quantizes head_dim floats (rotated already, for rotated types) into the
+  // pool at element offset `target`, and its scale beside.
+  void quantize_row(int layer, int kind, std::size_t target, const float* values) {
+    const std::span<const float> floats(values, static_cast<std::size_t>(shape_.head_dim));
+    const float scale = DType::row_scale(floats);
+    DType::quantize_row(floats, scale, pool(layer, kind) + target);
+    scale_pool(layer, kind)[target / static_cast<std::size_t>(shape_.head_dim)] = scale;
   }
   // Storage-unit offset of a row in a pool.
   std::size_t row_offset(int page, int head, int row) const {
     return ((static_cast<std::size_t>(head) * layout_.page_count() + page) * layout_.page_tokens() + row) * row_units();
   }
 
-  // ---- group-quantized types (int4): the residual rows ----
+  // ---- group-quantized (int4) and residual types: the residual rows ----
 
   std::size_t residual_floats() const {
     return static_cast<std::size_t>(shape_.kv_heads) * group_tokens * shape_.head_dim;
@@ -794,11 +806,18 @@ class KVCache {
       for (int head = 0; head < shape_.kv_heads; ++head) {
         const float* k_rows = residual(slot, layer, 0) + head * head_floats;
         const float* v_rows = residual(slot, layer, 1) + head * head_floats;
-        DType::quantize_keys(k_rows, shape_.head_dim, key_params(layer, at.page, head, at.row),
-                             pool(layer, 0) + row_offset(at.page, head, at.row));
-        for (int r = 0; r < group_tokens; ++r)
-          DType::quantize_values(v_rows + r * shape_.head_dim, shape_.head_dim, value_params(layer, at.page, head, at.row + r),
-                                 pool(layer, 1) + row_offset(at.page, head, at.row + r));
+        if constexpr (grouped) {
+          DType::quantize_keys(k_rows, shape_.head_dim, key_params(layer, at.page, head, at.row),
+                               pool(layer, 0) + row_offset(at.page, head, at.row));
+          for (int r = 0; r < group_tokens; ++r)
+            DType::quantize_values(v_rows + r * shape_.head_dim, shape_.head_dim, value_params(layer, at.page, head, at.row + r),
+                                   pool(layer, 1) + row_offset(at.page, head, at.row + r));
+        } else {
+          for (int r = 0; r < group_tokens; ++r) {
+            quantize_row(layer, 0, row_offset(at.page, head, at.row + r), k_rows + r * shape_.head_dim);
+            quantize_row(layer, 1, row_offset(at.page, head, at.row + r), v_rows + r * shape_.head_dim);
+          }
+        }
       }
     }
     advance(state, 1);
@@ -816,15 +835,25 @@ class KVCache {
       const PageRow at = book_.locate(slot, position);
       const int group_row = position - first;
       for (int head = 0; head < shape_.kv_heads; ++head) {
-        const storage_type* k_codes = pool(layer, 0) + row_offset(at.page, head, at.row);
-        const storage_type* v_codes = pool(layer, 1) + row_offset(at.page, head, at.row);
-        const float* k_params = key_params(layer, at.page, head, at.row);
-        const float* v_params = value_params(layer, at.page, head, at.row);
+        const std::size_t offset = row_offset(at.page, head, at.row);
+        const storage_type* k_codes = pool(layer, 0) + offset;
+        const storage_type* v_codes = pool(layer, 1) + offset;
         float* k_row = residual(slot, layer, 0) + (static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim;
         float* v_row = residual(slot, layer, 1) + (static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim;
-        for (int d = 0; d < shape_.head_dim; ++d) {
-          k_row[d] = held ? k_params[shape_.head_dim + d] + int4_code_at(k_codes, d) * k_params[d] : 0.0f;
-          v_row[d] = held ? v_params[1] + int4_code_at(v_codes, d) * v_params[0] : 0.0f;
+        if constexpr (grouped) {
+          const float* k_params = key_params(layer, at.page, head, at.row);
+          const float* v_params = value_params(layer, at.page, head, at.row);
+          for (int d = 0; d < shape_.head_dim; ++d) {
+            k_row[d] = held ? k_params[shape_.head_dim + d] + int4_code_at(k_codes, d) * k_params[d] : 0.0f;
+            v_row[d] = held ? v_params[1] + int4_code_at(v_codes, d) * v_params[0] : 0.0f;
+          }
+        } else {
+          const float k_scale = scale_pool(layer, 0)[offset / static_cast<std::size_t>(shape_.head_dim)];
+          const float v_scale = scale_pool(layer, 1)[offset / static_cast<std::size_t>(shape_.head_dim)];
+          for (int d = 0; d < shape_.head_dim; ++d) {
+            k_row[d] = held ? DType::decode(k_codes[d]) * k_scale : 0.0f;
+            v_row[d] = held ? DType::decode(v_codes[d]) * v_scale : 0.0f;
+          }
         }
       }
     }
@@ -878,7 +907,7 @@ class KVCache {
   DeviceBlockTables<B> device_tables_;  // device backends with paged storage: what kernels read
   std::vector<int> batch_slots_ = std::vector<int>(slots_.size());    // [max_sequences] a batch append's slots
   std::vector<char> batch_marks_ = std::vector<char>(slots_.size());  // [max_sequences] duplicates check
-  std::vector<float> residual_;  // group-quantized types: [max_sequences][layers][K, V] residual rows
+  std::vector<float> residual_;  // staged types: [max_sequences][layers][K, V] residual rows
 };
 
 KVCACHE_END_NAMESPACE

@@ -13,6 +13,7 @@
 #include "dtype/fp8.hpp"
 #include "dtype/hadamard.hpp"
 #include "dtype/int8.hpp"
+#include "dtype/residual.hpp"
 #include "dtype/round_trip.hpp"
 
 #include "prefix/block_hash.hpp"

@@ -60,16 +60,13 @@ constexpr std::size_t bytes_per_token(const ModelShape& shape, DType = {}) noexc
          token_bytes<DType>(static_cast<std::size_t>(shape.head_dim));
 }
 
-// Bytes a cache keeps per sequence slot beside its pages: for group-quantized types (int4) the
-// full-precision rows of the newest tokens, [layers][K, V][kv_heads][group_tokens][head_dim]
-// floats; 0 for every other type.
+// Bytes a cache keeps per sequence slot beside its pages: for types that keep the newest
+// tokens in full precision (int4, residual types) those rows,
+// [layers][K, V][kv_heads][residual_tokens][head_dim] floats; 0 for every other type.
 template <ElementType DType>
 constexpr std::size_t residual_bytes_per_sequence(const ModelShape& shape, DType = {}) noexcept {
-  if constexpr (GroupQuantizedElement<DType>)
-    return 2 * static_cast<std::size_t>(shape.layers) * static_cast<std::size_t>(shape.kv_heads) *
-           static_cast<std::size_t>(DType::group_tokens) * static_cast<std::size_t>(shape.head_dim) * sizeof(float);
-  else
-    return 0;
+  return 2 * static_cast<std::size_t>(shape.layers) * static_cast<std::size_t>(shape.kv_heads) *
+         static_cast<std::size_t>(residual_tokens<DType>) * static_cast<std::size_t>(shape.head_dim) * sizeof(float);
 }
 
 // Bytes that `tokens` tokens occupy across all layers.

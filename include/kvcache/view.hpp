@@ -10,7 +10,8 @@
 // types have none (null scale pointers). Group-quantized types (int4) pack two elements per
 // storage unit (rows are row_units() units apart), keep K parameters per group of
 // group_tokens rows and V parameters per row (dtype/int4.hpp gives both layouts, a kv-head's
-// after another's), and hold the newest positions in a full-precision residual segment.
+// after another's), and hold the newest positions in a full-precision residual segment, as
+// residual types (dtype/residual.hpp) do too.
 #pragma once
 
 #include <cstddef>
@@ -63,9 +64,10 @@ struct SequenceView {
   int sink_tokens = 0;
   int first_held = 0;    // positions in [sink_tokens, first_held) are no longer stored
   bool hadamard = false;  // rows are stored rotated by the Hadamard matrix (dtype/hadamard.hpp)
-  // Group-quantized types: rows per K parameter group, and positions [length - residual.count,
-  // length) in full precision, [kv_heads][group_tokens][head_dim] (not in the segments above).
+  // Group-quantized types (int4): rows per K parameter group.
   int group_tokens = 0;
+  // Group-quantized and residual types: positions [length - residual.count, length) in full
+  // precision, [kv_heads][their group's tokens][head_dim] (not in the segments above).
   Segment<float> residual = {};
 
   // Storage units from one row to the next.

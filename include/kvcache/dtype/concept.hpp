@@ -55,8 +55,25 @@ concept GroupQuantizedElement = ElementType<T> && (T::group_tokens > 0) && requi
   { T::token_bytes(head_dim) } -> std::same_as<std::size_t>;
 };
 
+// A row-quantized type whose cache keeps each sequence's newest tokens in full precision, as
+// int4 does (dtype/residual.hpp): rows are quantized residual_tokens at a time, when the last
+// of them is appended, so the newest 0 to residual_tokens - 1 positions stay exact.
+template <class T>
+concept ResidualQuantizedElement = QuantizedElement<T> && requires {
+  { T::residual_tokens } -> std::convertible_to<int>;
+} && (T::residual_tokens > 0);
+
 template <class T>
 concept CacheElement = FloatElement<T> || QuantizedElement<T> || GroupQuantizedElement<T>;
+
+// Tokens a cache of T quantizes together, keeping the newest of them in full precision until
+// the last arrives: int4's K group, a residual type's window; 0 for types stored as appended.
+template <ElementType T>
+inline constexpr int residual_tokens = [] {
+  if constexpr (GroupQuantizedElement<T>) return int{T::group_tokens};
+  else if constexpr (ResidualQuantizedElement<T>) return int{T::residual_tokens};
+  else return 0;
+}();
 
 namespace detail {
 
