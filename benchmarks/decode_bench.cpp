@@ -115,8 +115,10 @@ void register_policy(const char* policy) {
     register_decode<Layout, bf16>(g, policy);
     register_decode<Layout, int8>(g, policy);
     register_decode<Layout, fp8_e4m3>(g, policy);
-    if constexpr (std::same_as<Layout, Contiguous>)  // int4 groups of 32 tokens need pages of whole groups
+    if constexpr (std::same_as<Layout, Contiguous>) {  // groups of 32 tokens need pages of whole groups
       register_decode<Layout, int4>(g, policy);
+      register_decode<Layout, int8_residual>(g, policy);
+    }
   }
 }
 

@@ -2,8 +2,8 @@
 // residual): the cache keeps each sequence's newest tokens as f32 rows and quantizes them
 // residual_tokens at a time, when the last of them is appended, as int4 does with its K groups.
 //
-// Why: decode attends most to the newest positions, and a key's rounding moves attention
-// weights far more than a value's moves the output. On stories260K (examples/kv_accuracy) int8's
+// Why: a key's rounding moves attention weights far more than a value's moves the output, and
+// attention often weighs the newest positions most. On stories260K (examples/kv_accuracy) int8's
 // mean KLD falls from 1.4e-3 to 1.8e-4 with groups of 32, fp8_e4m3's from 9.0e-3 to 1.6e-3.
 // The window costs residual_tokens f32 rows of K and V per layer and kv-head of every sequence
 // slot (residual_bytes_per_sequence), and nothing per token.

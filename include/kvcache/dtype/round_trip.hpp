@@ -15,8 +15,9 @@ KVCACHE_BEGIN_NAMESPACE
 
 // rows [rows.size() / head_dim][head_dim] <- what a cache of E stores for them: float types
 // round each element; quantized types quantize each row with its own scale and decode it
-// (rotated types rotate the row first and back after). Group-quantized types (int4) have no
-// row-wise answer: a key's codes depend on the other tokens of its group.
+// (rotated types rotate the row first and back after); for residual types, what they store
+// once a row's group of tokens is whole. Group-quantized types (int4) have no row-wise answer:
+// a key's codes depend on the other tokens of its group.
 // @pre rows.size() % head_dim == 0; head_dim a power of two for rotated types.
 template <class E>
   requires FloatElement<E> || QuantizedElement<E>
