@@ -1,8 +1,9 @@
-// int4 caches (keys per channel over groups of 32 tokens, values per token, the newest tokens in
-// full precision): the memory math, what the cache stores (checked against a reference
-// quantization of the model's rows, through the views), attention against the fp64 oracle on
-// those values, and random operation sequences (append, truncate, fork, release) against a
-// plain model, on every storage policy.
+// Caches that keep each sequence's newest tokens in full precision and quantize them 32 at a
+// time: int4 (keys per channel over the group, values per token) and the residual types
+// (int8_residual, fp8_e4m3_residual: each row as their row type stores it). The memory math,
+// what the cache stores (checked against a reference quantization of the model's rows, through
+// the views), attention against the fp64 oracle on those values, and random operation sequences
+// (append, truncate, fork, release) against a plain model, on every storage policy.
 #include <kvcache/kvcache.hpp>
 
 #include <map>
@@ -13,13 +14,21 @@ namespace kvcache::testing {
 namespace {
 
 constexpr int group = int4::group_tokens;
+static_assert(int8_residual::residual_tokens == group && fp8_e4m3_residual::residual_tokens == group);
 
-// What an int4 cache holds for one layer of a sequence whose rows ([position][kv_head][head_dim])
-// are `rows`: whole groups of 32 positions quantized (K per channel over the group, V per row),
-// the positions after the last whole group as they are.
-Rows int4_stored(const Rows& rows, int kind, int length, int kv_heads, int head_dim) {
+// What a DType cache holds for one layer of a sequence whose rows ([position][kv_head][head_dim])
+// are `rows`: whole groups of 32 positions quantized (int4: K per channel over the group, V per
+// row; residual types: each row as their row type), the positions after the last whole group as
+// they are.
+template <class DType>
+Rows stored_rows(const Rows& rows, int kind, int length, int kv_heads, int head_dim) {
   Rows result = rows;
   const std::size_t row = static_cast<std::size_t>(kv_heads) * head_dim;
+  if constexpr (ResidualQuantizedElement<DType>) {
+    round_trip_rows<DType>(std::span(result).first(static_cast<std::size_t>(length / group * group) * row), head_dim);
+    result.resize(static_cast<std::size_t>(length) * row);
+    return result;
+  }
   auto dequantized = [](float x, Int4Params params) {
     return params.scale == 0.0f ? params.minimum
                                 : params.minimum + static_cast<float>(detail::int4_code(x, params)) * params.scale;
@@ -49,32 +58,33 @@ Rows int4_stored(const Rows& rows, int kind, int length, int kv_heads, int head_
 
 // The values a view holds, read through its layout alone ([position][kv_head][head_dim]; NaN for
 // positions it does not hold).
-template <class View>
-Rows view_values(const View& view, int kind) {
+template <class Storage>
+Rows view_values(const SequenceView<Storage>& view, int kind) {
   const int hd = view.head_dim;
   const std::size_t row = static_cast<std::size_t>(view.kv_heads) * hd;
   Rows values(static_cast<std::size_t>(view.length) * row, std::nanf(""));
+  // A stored element of (position, head, d): int4 decoded from its group's or row's parameters.
+  auto element = [&](const Segment<Storage>& segment, int head, int r, int d) {
+    if constexpr (std::same_as<Storage, int4x2>) {
+      const int units = hd / 2;
+      const int page_groups = static_cast<int>(segment.head_stride) / units / view.group_tokens;
+      const int4x2* codes = (kind == 0 ? segment.k : segment.v) + head * segment.head_stride + r * units;
+      if (kind == 0) {
+        const int group_index = (segment.first_position + r) / group - segment.first_position / group;
+        const float* params = segment.k_scale + (head * page_groups + group_index) * 2 * hd;
+        return params[hd + d] + int4_code_at(codes, d) * params[d];
+      }
+      const float* params = segment.v_scale + (head * page_groups * group + r) * 2;
+      return params[1] + int4_code_at(codes, d) * params[0];
+    } else {
+      return stored_value(segment, kind, head, r, d, hd);
+    }
+  };
   for (int i = 0; i < view.segment_count(); ++i) {
     const auto segment = view.segment(i);
-    const int units = hd / 2;
-    const int page_groups = static_cast<int>(segment.head_stride) / units / view.group_tokens;
     for (int head = 0; head < view.kv_heads; ++head)
-      for (int r = 0; r < segment.count; ++r) {
-        const int position = segment.first_position + r;
-        const int4x2* codes = (kind == 0 ? segment.k : segment.v) + head * segment.head_stride + r * units;
-        for (int d = 0; d < hd; ++d) {
-          float value;
-          if (kind == 0) {
-            const int group_index = position / group - segment.first_position / group;
-            const float* params = segment.k_scale + (head * page_groups + group_index) * 2 * hd;
-            value = params[hd + d] + int4_code_at(codes, d) * params[d];
-          } else {
-            const float* params = segment.v_scale + (head * page_groups * group + r) * 2;
-            value = params[1] + int4_code_at(codes, d) * params[0];
-          }
-          values[position * row + head * hd + d] = value;
-        }
-      }
+      for (int r = 0; r < segment.count; ++r)
+        for (int d = 0; d < hd; ++d) values[(segment.first_position + r) * row + head * hd + d] = element(segment, head, r, d);
   }
   const Segment<float>& residual = view.residual;
   for (int head = 0; head < view.kv_heads; ++head)
@@ -86,63 +96,95 @@ Rows view_values(const View& view, int kind) {
 }
 
 template <class Layout>
-Layout int4_layout();
+Layout staged_layout();
 template <>
-Contiguous int4_layout<Contiguous>() { return {.max_sequences = 6, .max_tokens = 128}; }
+Contiguous staged_layout<Contiguous>() { return {.max_sequences = 6, .max_tokens = 128}; }
 template <>
-Paged<32> int4_layout<Paged<32>>() { return {.num_blocks = 40, .max_sequences = 6}; }
+Paged<32> staged_layout<Paged<32>>() { return {.num_blocks = 40, .max_sequences = 6}; }
 template <>  // two groups per block: copy-on-write copies a quantized group with a residual one
-Paged<64> int4_layout<Paged<64>>() { return {.num_blocks = 24, .max_sequences = 6}; }
+Paged<64> staged_layout<Paged<64>>() { return {.num_blocks = 24, .max_sequences = 6}; }
 template <>
-SlidingWindow int4_layout<SlidingWindow>() {
+SlidingWindow staged_layout<SlidingWindow>() {
   return {.max_sequences = 6, .window = 40, .sink_tokens = 32, .slack_tokens = 24};
 }
 
-template <class Layout>
-class Int4CacheTest : public ::testing::Test {};
-using Int4Layouts = ::testing::Types<Contiguous, Paged<32>, Paged<64>, SlidingWindow>;
-struct LayoutName {
-  template <class Layout>
+template <class L, class D>
+struct Config {
+  using Layout = L;
+  using DType = D;
+};
+template <class C>
+class StagedCacheTest : public ::testing::Test {};
+using StagedConfigs =
+    ::testing::Types<Config<Contiguous, int4>, Config<Paged<32>, int4>, Config<Paged<64>, int4>, Config<SlidingWindow, int4>,
+                     Config<Contiguous, int8_residual>, Config<Paged<32>, int8_residual>, Config<Paged<64>, int8_residual>,
+                     Config<SlidingWindow, int8_residual>, Config<Contiguous, fp8_e4m3_residual>,
+                     Config<SlidingWindow, fp8_e4m3_residual>>;
+struct ConfigName {
+  template <class C>
   static std::string GetName(int) {
-    return std::string(Layout::name) + std::to_string(int4_layout<Layout>().page_tokens());
+    return std::string(C::Layout::name) + std::to_string(staged_layout<typename C::Layout>().page_tokens()) + "_" +
+           std::string(C::DType::name);
   }
 };
-TYPED_TEST_SUITE(Int4CacheTest, Int4Layouts, LayoutName);
+TYPED_TEST_SUITE(StagedCacheTest, StagedConfigs, ConfigName);
 
-TYPED_TEST(Int4CacheTest, AllocatesExactlyWhatTheMemoryMathPredicts) {
+TYPED_TEST(StagedCacheTest, AllocatesExactlyWhatTheMemoryMathPredicts) {
+  using DType = typename TypeParam::DType;
   const ModelShape shape{3, 8, 2, 32};
-  const auto layout = int4_layout<TypeParam>();
-  const KVCache<TypeParam, int4> cache(shape, layout);
+  const auto layout = staged_layout<typename TypeParam::Layout>();
+  const KVCache<typename TypeParam::Layout, DType> cache(shape, layout);
   const std::size_t tokens = static_cast<std::size_t>(layout.page_count()) * layout.page_tokens();
+  EXPECT_EQ(residual_bytes_per_sequence<DType>(shape), 3u * 2 * 2 * 32 * 32 * sizeof(float));
+  EXPECT_EQ(cache.stats().bytes_capacity, bytes_for_tokens<DType>(shape, tokens) +
+                                              layout.sequence_slots() * residual_bytes_per_sequence<DType>(shape));
+}
+
+TEST(StagedCache, BytesPerToken) {
+  const ModelShape shape{3, 8, 2, 32};
   // Per layer and kv-head: 32 bytes of K and V codes, V's scale and minimum, and a 32nd of the
   // K group's 32 channel scales and minima.
   EXPECT_EQ(bytes_per_token<int4>(shape), 3u * 2 * (32 + 8 + 8));
-  EXPECT_EQ(residual_bytes_per_sequence<int4>(shape), 3u * 2 * 2 * 32 * 32 * sizeof(float));
-  EXPECT_EQ(cache.stats().bytes_capacity, bytes_for_tokens<int4>(shape, tokens) +
-                                              layout.sequence_slots() * residual_bytes_per_sequence<int4>(shape));
   EXPECT_EQ(bytes_per_token<int4>(ModelShape{32, 32, 8, 128}) * 1000 / bytes_per_token<f16>(ModelShape{32, 32, 8, 128}),
             328u);  // Llama-3-8B: 168 bytes per kv-head token against f16's 512
+  // The residual types' window is per sequence slot: a token takes what their row type's does.
+  EXPECT_EQ(bytes_per_token<int8_residual>(shape), bytes_per_token<int8>(shape));
+  EXPECT_EQ(bytes_per_token<fp8_e4m3_residual>(shape), bytes_per_token<fp8_e4m3>(shape));
+  EXPECT_EQ(residual_bytes_per_sequence<int8>(shape), 0u);
 }
 
-TEST(Int4Cache, RejectsLayoutsWithoutWholeGroups) {
+template <class DType>
+void expect_layouts_without_whole_groups_rejected() {
   auto expect_invalid = [](auto make) {
     try {
       make();
       ADD_FAILURE() << "expected invalid_configuration";
     } catch (const Error& error) {
       EXPECT_EQ(error.code(), errc::invalid_configuration) << error.what();
-      EXPECT_NE(std::string(error.what()).find("int4"), std::string::npos) << error.what();
+      EXPECT_NE(std::string(error.what()).find(DType::name), std::string::npos) << error.what();
     }
   };
-  expect_invalid([] { KVCache<Paged<16>, int4>({1, 2, 2, 64}, {.num_blocks = 8, .max_sequences = 2}); });
-  expect_invalid([] { KVCache<Contiguous, int4>({1, 2, 2, 64}, {.max_sequences = 2, .max_tokens = 100}); });
-  expect_invalid([] { KVCache<SlidingWindow, int4>({1, 2, 2, 64}, {.max_sequences = 2, .window = 32, .sink_tokens = 4}); });
-  expect_invalid([] { KVCache<Paged<32>, int4>({1, 2, 2, 6}, {.num_blocks = 8, .max_sequences = 2}); });
+  expect_invalid([] { KVCache<Paged<16>, DType>({1, 2, 2, 64}, {.num_blocks = 8, .max_sequences = 2}); });
+  expect_invalid([] { KVCache<Contiguous, DType>({1, 2, 2, 64}, {.max_sequences = 2, .max_tokens = 100}); });
+  expect_invalid([] { KVCache<SlidingWindow, DType>({1, 2, 2, 64}, {.max_sequences = 2, .window = 32, .sink_tokens = 4}); });
+}
+
+TEST(StagedCache, RejectsLayoutsWithoutWholeGroups) {
+  expect_layouts_without_whole_groups_rejected<int4>();
+  expect_layouts_without_whole_groups_rejected<int8_residual>();
+  try {  // int4's packed codes and group scales need whole bytes per token
+    KVCache<Paged<32>, int4>({1, 2, 2, 6}, {.num_blocks = 8, .max_sequences = 2});
+    ADD_FAILURE() << "expected invalid_configuration";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), errc::invalid_configuration) << error.what();
+  }
 }
 
 // Decode of ragged sequences and chunked prefill, MHA / GQA / MQA, fast and portable head sizes:
 // the views hold exactly the reference quantization, and attention over them equals the oracle.
-TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOracle) {
+TYPED_TEST(StagedCacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOracle) {
+  using Layout = typename TypeParam::Layout;
+  using DType = typename TypeParam::DType;
   std::mt19937 rng(44);
   struct Heads {
     int q, kv;
@@ -150,8 +192,8 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
   for (const Heads heads : {Heads{4, 4}, Heads{8, 2}, Heads{6, 1}})
     for (const int head_dim : {64, 40}) {
       const ModelShape shape{1, heads.q, heads.kv, head_dim};
-      const auto layout = int4_layout<TypeParam>();
-      KVCache<TypeParam, int4> cache(shape, layout);
+      const auto layout = staged_layout<Layout>();
+      KVCache<Layout, DType> cache(shape, layout);
       const std::size_t kv_row = static_cast<std::size_t>(heads.kv) * head_dim;
       std::vector<SeqId> seqs;
       std::vector<Rows> k, v;
@@ -173,9 +215,10 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
       }
       std::vector<Rows> k_stored, v_stored;
       for (std::size_t i = 0; i < seqs.size(); ++i) {
-        k_stored.push_back(int4_stored(k[i], 0, lengths[i], heads.kv, head_dim));
-        v_stored.push_back(int4_stored(v[i], 1, lengths[i], heads.kv, head_dim));
+        k_stored.push_back(stored_rows<DType>(k[i], 0, lengths[i], heads.kv, head_dim));
+        v_stored.push_back(stored_rows<DType>(v[i], 1, lengths[i], heads.kv, head_dim));
         const auto view = cache.view(0, seqs[i]);
+        ASSERT_EQ(view.residual.count, lengths[i] % group);
         const Rows k_view = view_values(view, 0), v_view = view_values(view, 1);
         const Mask mask = mask_of(layout);
         for (int p = 0; p < lengths[i]; ++p) {
@@ -186,16 +229,19 @@ TYPED_TEST(Int4CacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheOra
           }
         }
       }
-      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng, kernel_bound<int4x2>(head_dim));
+      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng,
+                                     kernel_bound<typename DType::storage_type>(head_dim));
     }
 }
 
 // A batch append (one token for each of several sequences) stores what one append per sequence
 // does, groups filling and quantizing mid-batch included.
-TEST(Int4Cache, BatchAppendEqualsOneAppendPerSequence) {
+template <class DType>
+void expect_batch_append_equals_one_append_per_sequence() {
+  SCOPED_TRACE(DType::name);
   const ModelShape shape{1, 4, 2, 64};
   const Paged<32> layout{.num_blocks = 24, .max_sequences = 3};
-  KVCache<Paged<32>, int4> batched(shape, layout), single(shape, layout);
+  KVCache<Paged<32>, DType> batched(shape, layout), single(shape, layout);
   std::mt19937 rng(31);
   std::vector<SeqId> a, b;
   for (int i = 0; i < 3; ++i) {
@@ -222,8 +268,13 @@ TEST(Int4Cache, BatchAppendEqualsOneAppendPerSequence) {
   }
 }
 
-// int4_hadamard stores H x: attention equals the oracle on H^-1 (int4_stored of H x).
-TEST(Int4Cache, HadamardRotatedRowsAttendLikeTheirReference) {
+TEST(StagedCache, BatchAppendEqualsOneAppendPerSequence) {
+  expect_batch_append_equals_one_append_per_sequence<int4>();
+  expect_batch_append_equals_one_append_per_sequence<int8_residual>();
+}
+
+// int4_hadamard stores H x: attention equals the oracle on H^-1 (stored_rows<int4> of H x).
+TEST(StagedCache, HadamardRotatedRowsAttendLikeTheirReference) {
   const ModelShape shape{1, 8, 2, 64};
   KVCache<Contiguous, int4_hadamard> cache(shape, {.max_sequences = 1, .max_tokens = 96});
   std::mt19937 rng(12);
@@ -237,8 +288,8 @@ TEST(Int4Cache, HadamardRotatedRowsAttendLikeTheirReference) {
     for (std::size_t i = 0; i < rows.size(); i += 64) detail::hadamard_transform(&rows[i], 64);
     return rows;
   };
-  const Rows k_stored = rotate_rows(int4_stored(rotate_rows(k), 0, length, 2, 64));  // H = H^-1
-  const Rows v_stored = rotate_rows(int4_stored(rotate_rows(v), 1, length, 2, 64));
+  const Rows k_stored = rotate_rows(stored_rows<int4>(rotate_rows(k), 0, length, 2, 64));  // H = H^-1
+  const Rows v_stored = rotate_rows(stored_rows<int4>(rotate_rows(v), 1, length, 2, 64));
   const double scale = 1.0 / 8.0;
   const auto q = random_values(rng, 4 * 8 * 64, 0.3f);
   std::vector<float> out(q.size());
@@ -246,11 +297,38 @@ TEST(Int4Cache, HadamardRotatedRowsAttendLikeTheirReference) {
   EXPECT_LE(relative_error(out, oracle_attention(shape, k_stored, v_stored, length, q, 4, {}, scale)), kernel_bound<int4x2>(64));
 }
 
+// The newest rows are exact: attention over a residual cache shorter than a group equals that
+// over an f32 cache bit for bit, where the plain row type's does not.
+TEST(StagedCache, NewestTokensAttendAtFullPrecision) {
+  const ModelShape shape{1, 8, 2, 64};
+  const Contiguous layout{.max_sequences = 1, .max_tokens = 64};
+  KVCache<Contiguous, int8_residual> residual(shape, layout);
+  KVCache<Contiguous, int8> plain(shape, layout);
+  KVCache<Contiguous, f32> exact(shape, layout);
+  std::mt19937 rng(3);
+  const Rows k = random_values(rng, 20 * 128), v = random_values(rng, 20 * 128), q = random_values(rng, 8 * 64);
+  std::vector<float> a(q.size()), b(q.size()), c(q.size());
+  const SeqId x = residual.open(), y = plain.open(), z = exact.open();
+  residual.reserve(x, 20);
+  plain.reserve(y, 20);
+  exact.reserve(z, 20);
+  residual.append(0, x, k, v);
+  plain.append(0, y, k, v);
+  exact.append(0, z, k, v);
+  attention::decode(residual, 0, x, q, a);
+  attention::decode(plain, 0, y, q, b);
+  attention::decode(exact, 0, z, q, c);
+  EXPECT_EQ(a, c);
+  EXPECT_NE(b, c);
+}
+
 // Published blocks hold whole quantized groups: a sequence that shares them and appends the
 // rest attends exactly as the one that computed them.
-TEST(Int4Cache, SharedPrefixBlocksAttendLikeTheirOwner) {
+template <class DType>
+void expect_shared_prefix_blocks_attend_like_their_owner() {
+  SCOPED_TRACE(DType::name);
   const ModelShape shape{2, 8, 2, 64};
-  KVCache<Paged<32>, int4> cache(shape, {.num_blocks = 16, .max_sequences = 2});
+  KVCache<Paged<32>, DType> cache(shape, {.num_blocks = 16, .max_sequences = 2});
   std::mt19937 rng(8);
   const int length = 75;
   std::vector<std::int32_t> ids(length);
@@ -275,17 +353,24 @@ TEST(Int4Cache, SharedPrefixBlocksAttendLikeTheirOwner) {
   }
 }
 
-// The int4 part of the model test: every layer of every sequence is a list of rows as appended
+TEST(StagedCache, SharedPrefixBlocksAttendLikeTheirOwner) {
+  expect_shared_prefix_blocks_attend_like_their_owner<int4>();
+  expect_shared_prefix_blocks_attend_like_their_owner<fp8_e4m3_residual>();
+}
+
+// The staged part of the model test: every layer of every sequence is a list of rows as appended
 // (or, after a truncation into a quantized group, as dequantized), and the cache must hold
-// int4_stored of them, and attend to them, after every operation.
-TYPED_TEST(Int4CacheTest, RandomOperationsMatchModel) {
+// stored_rows of them, and attend to them, after every operation.
+TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
+  using Layout = typename TypeParam::Layout;
+  using DType = typename TypeParam::DType;
   const ModelShape shape{2, 4, 2, 8};
   const std::size_t row = 2 * 8;
-  TypeParam layout = int4_layout<TypeParam>();
-  if constexpr (std::same_as<TypeParam, SlidingWindow>)  // a window shorter than a group: truncation
+  Layout layout = staged_layout<Layout>();
+  if constexpr (std::same_as<Layout, SlidingWindow>)  // a window shorter than a group: truncation
     layout = {.max_sequences = 6, .window = 8, .sink_tokens = 0, .slack_tokens = 56};  // meets reused rows
   const Mask mask = mask_of(layout);
-  KVCache<TypeParam, int4> cache(shape, layout);
+  KVCache<Layout, DType> cache(shape, layout);
   struct Sequence {
     SeqId id;
     Rows k[2], v[2];     // [layer]: rows as appended (full precision)
@@ -341,8 +426,8 @@ TYPED_TEST(Int4CacheTest, RandomOperationsMatchModel) {
         // positions that the ring reused come back as zeros.
         if (length / group != old_length / group) {
           const int first = length / group * group;
-          const Rows k_stored = int4_stored(seq.k[layer], 0, old_length, 2, 8);
-          const Rows v_stored = int4_stored(seq.v[layer], 1, old_length, 2, 8);
+          const Rows k_stored = stored_rows<DType>(seq.k[layer], 0, old_length, 2, 8);
+          const Rows v_stored = stored_rows<DType>(seq.v[layer], 1, old_length, 2, 8);
           const Retention retention = layout.retention();
           for (int p = first; p < length; ++p) {
             const bool held = retention.ring_tokens == 0 || p < retention.sink_tokens || p >= seq.first_held;
@@ -372,8 +457,8 @@ TYPED_TEST(Int4CacheTest, RandomOperationsMatchModel) {
         ASSERT_EQ(view.length, seq.length());
         if (seq.length() == 0) continue;
         const Rows k_view = view_values(view, 0), v_view = view_values(view, 1);
-        const Rows k_stored = int4_stored(seq.k[layer], 0, seq.length(), 2, 8);
-        const Rows v_stored = int4_stored(seq.v[layer], 1, seq.length(), 2, 8);
+        const Rows k_stored = stored_rows<DType>(seq.k[layer], 0, seq.length(), 2, 8);
+        const Rows v_stored = stored_rows<DType>(seq.v[layer], 1, seq.length(), 2, 8);
         for (int p = 0; p < seq.length(); ++p) {
           if (!mask.visible(p, seq.length() - 1)) continue;
           for (std::size_t e = 0; e < row; ++e) {
@@ -388,10 +473,10 @@ TYPED_TEST(Int4CacheTest, RandomOperationsMatchModel) {
       const auto q = random_values(rng, 4 * 8, 0.5f);
       std::vector<float> out(q.size());
       attention::decode(cache, 1, seq.id, q, out);
-      const auto expected = oracle_attention(shape, int4_stored(seq.k[1], 0, seq.length(), 2, 8),
-                                             int4_stored(seq.v[1], 1, seq.length(), 2, 8), seq.length(), q, 1, mask,
+      const auto expected = oracle_attention(shape, stored_rows<DType>(seq.k[1], 0, seq.length(), 2, 8),
+                                             stored_rows<DType>(seq.v[1], 1, seq.length(), 2, 8), seq.length(), q, 1, mask,
                                              1.0 / std::sqrt(8.0));
-      EXPECT_LE(relative_error(out, expected), kernel_bound<int4x2>(8));
+      EXPECT_LE(relative_error(out, expected), kernel_bound<typename DType::storage_type>(8));
       ++checks;
     }
   }
