@@ -9,8 +9,8 @@
 // The weights and all arithmetic stay f32; only the cached K/V are rounded (int8, fp8: one float
 // scale per row, that is per token and kv-head; int4: keys per channel over groups of 32
 // tokens, values per row; int4 and the residual types keep the newest tokens of each sequence
-// in full precision until 32 of them are quantized together). The f32 row checks the harness itself: it must show
-// KLD 0, agreement 100% and every greedy case exact.
+// in full precision until 32 of them are quantized together). The f32 row checks the harness
+// itself: it must show KLD 0, agreement 100% and every greedy case exact.
 //
 // Columns, per element type:
 //   KLD       mean KL(P_f32 || P_dtype) of the next-token distributions, in nats. Teacher
@@ -172,38 +172,18 @@ class RecentExactCache : public kvcache::KVCache<kvcache::Contiguous, kvcache::f
 
  private:
   void round_position(kvcache::SeqId seq, int position) {
-    const kvcache::ModelShape& s = shape();
-    const std::size_t row = static_cast<std::size_t>(s.kv_heads) * s.head_dim;
-    const std::size_t head_dim = static_cast<std::size_t>(s.head_dim);
-    std::vector<std::vector<float>>& k = saved_[0];
-    std::vector<std::vector<float>>& v = saved_[1];
-    k.resize(static_cast<std::size_t>(s.layers));
-    v.resize(static_cast<std::size_t>(s.layers));
-    for (int layer = 0; layer < s.layers; ++layer) {  // rows [position, length) of each layer
-      const std::size_t l = static_cast<std::size_t>(layer);
-      k[l].assign(static_cast<std::size_t>(exact_tokens) * row, 0.0f);
-      v[l].assign(k[l].size(), 0.0f);
-      const auto view = this->view(layer, seq);
-      for (int i = 0; i < view.segment_count(); ++i) {
-        const auto segment = view.segment(i);
-        for (int r = std::max(0, position - segment.first_position); r < segment.count; ++r)
-          for (std::size_t head = 0; head < static_cast<std::size_t>(s.kv_heads); ++head) {
-            const std::size_t from = head * segment.head_stride + static_cast<std::size_t>(r) * head_dim;
-            const std::size_t to = static_cast<std::size_t>(segment.first_position + r - position) * row + head * head_dim;
-            std::copy_n(segment.k + from, head_dim, k[l].begin() + static_cast<std::ptrdiff_t>(to));
-            std::copy_n(segment.v + from, head_dim, v[l].begin() + static_cast<std::ptrdiff_t>(to));
-          }
+    KVRows rows = read_rows(*this, seq);
+    const std::size_t first = static_cast<std::size_t>(position) * rows.row_floats();
+    for (auto* kind : {&rows.k, &rows.v})
+      for (std::vector<float>& layer_rows : *kind) {
+        layer_rows.erase(layer_rows.begin(), layer_rows.begin() + static_cast<std::ptrdiff_t>(first));
+        kvcache::round_trip_rows<DType>(std::span(layer_rows).first(rows.row_floats()), rows.shape.head_dim);
       }
-      kvcache::round_trip_rows<DType>(std::span(k[l]).first(row), s.head_dim);
-      kvcache::round_trip_rows<DType>(std::span(v[l]).first(row), s.head_dim);
-    }
     truncate(seq, position);
     reserve(seq, exact_tokens + 1);
-    for (int layer = 0; layer < s.layers; ++layer)
-      KVCache::append(layer, seq, saved_[0][static_cast<std::size_t>(layer)], saved_[1][static_cast<std::size_t>(layer)]);
+    for (int layer = 0; layer < rows.shape.layers; ++layer)
+      KVCache::append(layer, seq, rows.k[static_cast<std::size_t>(layer)], rows.v[static_cast<std::size_t>(layer)]);
   }
-
-  std::vector<std::vector<float>> saved_[2];  // K, V: [layer][exact_tokens][kv_heads][head_dim]
 };
 
 // The logits at every position of every input, fed one token per forward call (the decode
