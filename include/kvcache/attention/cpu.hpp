@@ -2,7 +2,7 @@
 //
 // Decode is bound by memory: every K/V byte of a sequence is read once per generated token.
 // So for one kv-head the query heads of its group share one pass over its rows. K rows are read
-// from the cache once per up to eight heads, converted to fp32 in registers (f16, bf16; int8
+// from the cache once per up to four heads, converted to fp32 in registers (f16, bf16; int8
 // and fp8 codes, whose per-row scales then multiply the scores of K rows and the weights of V
 // rows; int4 codes, whose key group's channel scales and minima are folded into the query and a
 // bias once per group, and whose value minima into one sum per tile) and never stored; the per-row
@@ -83,14 +83,14 @@ inline constexpr int rows_per_tile(std::size_t row_bytes, int heads, bool group_
   return heads > 4 ? 32 : static_cast<int>(std::clamp<std::size_t>(tile_bytes / row_bytes, 8, tile_rows));
 }
 
-// Calls f with std::integral_constant<int, n> for the largest n in {8, 4, 2, 1} not above
-// `heads` or Most; returns n. A kernel keeps n heads' work in registers: scoring holds a row's
-// eight vectors and two chains per head (8 heads fit only in 32 registers), accumulation four
-// vectors per head.
-template <int Most, class F>
+// Calls f with std::integral_constant<int, n> for the largest n in {4, 2, 1} not above
+// `heads`; returns n. A kernel keeps n heads' work in registers: scoring holds a row's eight
+// vectors and two chains per head, accumulation four vectors per head. Scoring 8 heads at once
+// fits in 32 registers, but measured 3x slower per head than 4 (f32, in L1: 100 against 33.6
+// cycles per row) on the Sapphire Rapids machine, and many-head passes (prefill, MQA) with it
+// 1.1-1.15x slower end to end.
+template <class F>
 int dispatch_heads(int heads, F&& f) {
-  if constexpr (Most >= 8 && simd::width == 16)
-    if (heads >= 8) return f(std::integral_constant<int, 8>{}), 8;
   if (heads >= 4) return f(std::integral_constant<int, 4>{}), 4;
   if (heads >= 2) return f(std::integral_constant<int, 2>{}), 2;
   return f(std::integral_constant<int, 1>{}), 1;
@@ -591,7 +591,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
           }
           const std::size_t offset = static_cast<std::size_t>(part) * units;
           for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
-            first += dispatch_heads<8>(heads - first, [&](auto chunk) {
+            first += dispatch_heads(heads - first, [&](auto chunk) {
               score_rows_integer<HeadDim, decltype(chunk)::value>(
                   k + offset, part_rows, q_words + static_cast<std::size_t>(first) * HeadDim, q_unit + first,
                   k_scale == nullptr ? nullptr : k_scale + part, group_quantized ? bias + first : nullptr, scores + first,
@@ -600,7 +600,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         }
       } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
-          first += dispatch_heads<8>(heads - first, [&](auto chunk) {
+          first += dispatch_heads(heads - first, [&](auto chunk) {
             score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
                                                         scores + first, first == 0 ? next_k : nullptr);
           });
@@ -643,14 +643,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       }
       if constexpr (integer) {
         for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
-          first += dispatch_heads<4>(heads - first, [&](auto chunk) {
+          first += dispatch_heads(heads - first, [&](auto chunk) {
             accumulate_rows_integer<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
                                                                      acc + static_cast<std::size_t>(first) * HeadDim,
                                                                      first == 0 ? next_v : nullptr);
           });
       } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
-          first += dispatch_heads<4>(heads - first, [&](auto chunk) {
+          first += dispatch_heads(heads - first, [&](auto chunk) {
             accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
                                                              acc + static_cast<std::size_t>(first) * HeadDim,
                                                              first == 0 ? next_v : nullptr);
