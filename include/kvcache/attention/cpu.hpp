@@ -318,17 +318,18 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
   alignas(64) std::int16_t weight[Heads][tile_rows];  // a weight of 0 past `rows`
   float unit[Heads];
   constexpr int width = simd::width, vectors = tile_rows / width;
+  const int used = (rows + width - 1) / width;  // vectors holding weights; the row pairs read no further
   for (int h = 0; h < Heads; ++h) {
     simd::floats weights[vectors];
     simd::floats top = simd::zero();
-    for (int i = 0; i < vectors; ++i) {
+    for (int i = 0; i < used; ++i) {
       const int first = i * width;
-      weights[i] = first < rows ? simd::first_or(simd::load(p[h] + first), std::min(rows - first, width), 0.0f) : simd::zero();
+      weights[i] = simd::first_or(simd::load(p[h] + first), std::min(rows - first, width), 0.0f);
       top = simd::max(top, weights[i]);
     }
     const float largest = simd::max(top);  // weights are >= 0
     const simd::floats factor = simd::broadcast(largest > 0.0f ? 32767.0f / largest : 0.0f);
-    for (int i = 0; i < vectors; ++i) simd::store_words(weight[h] + i * width, simd::mul(weights[i], factor));
+    for (int i = 0; i < used; ++i) simd::store_words(weight[h] + i * width, simd::mul(weights[i], factor));
     unit[h] = largest / 32767.0f;
   }
   for (int j = 0; j < HeadDim; j += block) {
