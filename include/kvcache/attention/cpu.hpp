@@ -90,9 +90,11 @@ inline constexpr int rows_per_tile(std::size_t row_bytes, int heads, bool group_
 // fits in 32 registers, but measured 3x slower per head than 4 (f32, in L1: 100 against 33.6
 // cycles per row) on the Sapphire Rapids machine, and many-head passes (prefill, MQA) with it
 // 1.1-1.15x slower end to end.
+inline constexpr int most_heads = 4;  // per call of dispatch_heads: a pass over a tile
+
 template <class F>
 int dispatch_heads(int heads, F&& f) {
-  if (heads >= 4) return f(std::integral_constant<int, 4>{}), 4;
+  if (heads >= most_heads) return f(std::integral_constant<int, most_heads>{}), most_heads;
   if (heads >= 2) return f(std::integral_constant<int, 2>{}), 2;
   return f(std::integral_constant<int, 1>{}), 1;
 }
@@ -524,7 +526,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   using Row = Eigen::Matrix<float, Extent, 1>;
   const int head_dim = HeadDim == 0 ? view.head_dim : HeadDim;
   alignas(64) float scores[heads_per_pass][tile_rows];  // [heads][rows] of the current tile
-  const int passes = (heads + 3) / 4;                    // over a tile, one per chunk of dispatch_heads
+  const int passes = (heads + most_heads - 1) / most_heads;  // over a tile (dispatch_heads)
 
   std::pair<const Storage*, const Storage*> following{nullptr, nullptr};  // next segment's rows
   float* q_group = nullptr;  // group-quantized keys: q * the group's channel scales (before q_words)
@@ -616,14 +618,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
               score_rows_integer<HeadDim, decltype(chunk)::value>(
                   k + offset, part_rows, q_words + static_cast<std::size_t>(first) * HeadDim, q_unit + first,
                   k_scale == nullptr ? nullptr : k_scale + part, group_quantized ? bias + first : nullptr, scores + first,
-                  part, {next_k == nullptr ? nullptr : next_k + offset, first / 4, passes});
+                  part, {next_k == nullptr ? nullptr : next_k + offset, first / most_heads, passes});
             });
         }
       } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
           first += dispatch_heads(heads - first, [&](auto chunk) {
             score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
-                                                        scores + first, {next_k, first / 4, passes});
+                                                        scores + first, {next_k, first / most_heads, passes});
           });
       } else {
         alignas(64) float row_data[Capacity];
@@ -667,14 +669,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
           first += dispatch_heads(heads - first, [&](auto chunk) {
             accumulate_rows_integer<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
                                                                      acc + static_cast<std::size_t>(first) * HeadDim,
-                                                                     {next_v, first / 4, passes});
+                                                                     {next_v, first / most_heads, passes});
           });
       } else if constexpr (use_simd<HeadDim>) {
         for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
           first += dispatch_heads(heads - first, [&](auto chunk) {
             accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
                                                              acc + static_cast<std::size_t>(first) * HeadDim,
-                                                             {next_v, first / 4, passes});
+                                                             {next_v, first / most_heads, passes});
           });
       } else {
         alignas(64) float row_data[Capacity];
