@@ -184,6 +184,52 @@ TEST(Attention, ThreadedSplitsMatchOracle) {
   }
 }
 
+// Passes of more than 4 heads score a tile as a matrix product with the heads in SIMD lanes
+// (1 to 4 registers of 16): every register count, heads that fill none of them exactly, each
+// fast head size, tiles cut short (45 = 32 + 13 keys; 13 and 29 pad to 16 and 32 rows), for
+// decode (MQA) and for prefill (queries x heads share a pass), against the oracle.
+template <class DType>
+void check_many_heads(int q_heads, int head_dim) {
+  std::mt19937 rng(static_cast<unsigned>(q_heads * 1000 + head_dim));
+  const ModelShape shape{1, q_heads, 1, head_dim};
+  KVCache<Contiguous, DType> cache(shape, {.max_sequences = 2, .max_tokens = 64});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  for (int length : {13, 29, 45}) {
+    const SeqId seq = cache.open();
+    const auto k = random_values(rng, static_cast<std::size_t>(length) * head_dim);
+    const auto v = random_values(rng, k.size());
+    cache.reserve(seq, length);
+    cache.append(0, seq, k, v);
+    const int queries = std::min(length, 5);  // prefill blocks of 64 / q_heads queries
+    const auto q = random_values(rng, static_cast<std::size_t>(queries) * q_heads * head_dim);
+    std::vector<float> out(q.size());
+    attention::prefill(cache, 0, seq, std::span<const float>(q), std::span<float>(out));
+    EXPECT_LE(relative_error(out, oracle_attention(shape, rounded<DType>(k), rounded<DType>(v), length, q, queries, {},
+                                                   scale)),
+              kernel_bound)
+        << "prefill, length " << length;
+    const std::vector<float> q_last(q.end() - q_heads * head_dim, q.end());
+    std::vector<float> out_last(q_last.size());
+    const SeqId seqs[] = {seq};
+    attention::decode(cache, 0, std::span<const SeqId>(seqs), std::span<const float>(q_last), std::span<float>(out_last));
+    EXPECT_LE(relative_error(out_last, oracle_attention(shape, rounded<DType>(k), rounded<DType>(v), length, q_last, 1,
+                                                        {}, scale)),
+              kernel_bound)
+        << "decode, length " << length;
+    cache.release(seq);
+  }
+}
+
+TEST(Attention, ManyHeadPassesMatchOracle) {
+  for (int head_dim : {64, 128, 256})
+    for (int q_heads : {5, 16, 20, 33, 64}) {
+      SCOPED_TRACE(std::to_string(q_heads) + " heads, head_dim " + std::to_string(head_dim));
+      check_many_heads<f32>(q_heads, head_dim);
+      check_many_heads<f16>(q_heads, head_dim);
+      check_many_heads<bf16>(q_heads, head_dim);
+    }
+}
+
 TEST(Attention, SoftCapAndLargeLogitsStayExact) {
   std::mt19937 rng(3);
   const ModelShape shape{1, 8, 2, 64};

@@ -79,9 +79,11 @@ concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 // cycles per row in L2 against 32). Passes of more heads (prefill, MQA) are bound by the FMAs
 // and load and store their accumulators once per tile: 32 rows (f32 prefill measured 0.25 of
 // the FMA peak with 8 rows, 0.53 with 32).
+inline constexpr int product_rows = 32;  // rows per tile of a pass of more than 4 heads
+
 inline constexpr int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized) {
   const std::size_t tile_bytes = group_quantized ? 4096 : 2048;
-  return heads > 4 ? 32 : static_cast<int>(std::clamp<std::size_t>(tile_bytes / row_bytes, 8, tile_rows));
+  return heads > 4 ? product_rows : static_cast<int>(std::clamp<std::size_t>(tile_bytes / row_bytes, 8, tile_rows));
 }
 
 // Calls f with std::integral_constant<int, n> for the largest n in {4, 2, 1} not above
@@ -234,9 +236,10 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
 }
 
 // acc[h] += sum over rows r of p[h][r] * v_r for `Heads` heads and `rows` rows of v
-// ([rows][HeadDim]), a few registers of every head's accumulator at a time.
-template <int HeadDim, int Heads, class Storage>
-void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, RowsAhead<Storage> ahead) {
+// ([rows][HeadDim]), a few registers of every head's accumulator at a time. `ahead` says which
+// rows to ask for (those of v's next tile, or where v is a converted copy, the stored ones').
+template <int HeadDim, int Heads, class Storage, class Ahead = RowsAhead<Storage>>
+void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, Ahead ahead) {
   {
     constexpr int vectors = HeadDim / simd::width, units = elements_per_unit<Storage>;
     constexpr int step = simd::width == 16 ? 4 : 2;  // registers per head per pass: 4 x 4 + 4 of 32
@@ -258,6 +261,100 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
     }
   }
 }
+
+// Rows [count][HeadDim] of Storage as fp32 rows at `out`, then zero rows up to `padded`.
+template <int HeadDim, class Storage>
+void pack_rows(const Storage* rows, int count, int padded, float* out) {
+  constexpr int units = elements_per_unit<Storage>;
+  for (int r = 0; r < padded; ++r)
+    for (int d = 0; d < HeadDim; d += simd::width)
+      simd::store(out + r * HeadDim + d, r < count ? simd::load(rows + (r * HeadDim + d) / units) : simd::zero());
+}
+
+#if KVCACHE_SIMD_WIDTH == 16
+// Passes of more than 4 heads (prefill's queries x heads, MQA's group) are bound by the FMAs,
+// and score_rows spends about half of its time there on the per-row reductions and on
+// reloading the queries for every row (0.40-0.45 of the FMA peak for 32 and 64 heads, in L1).
+// They score a tile as the small matrix product Q K^T instead (score_product): the keys
+// converted once to fp32 rows (pack_rows), the queries transposed once per call so that a
+// register holds one element of 16 heads, and each key element broadcast against them, a block
+// of keys x heads summed in registers over the whole head (0.73-0.75 of the peak, in L1).
+
+// q_t[d][lane] = q[lane][d] for the lanes below `heads`, 0 for the others up to `lanes`, heads
+// rounded up to a multiple of 16.
+//   q: [heads][HeadDim]; q_t: [HeadDim][lanes]
+template <int HeadDim>
+void transpose_queries(const float* q, int heads, float* q_t) {
+  constexpr int width = simd::width;
+  const int lanes = (heads + width - 1) / width * width;
+  for (int first = 0; first < lanes; first += width)
+    for (int d = 0; d < HeadDim; d += width) {
+      simd::floats block[width];
+      for (int h = 0; h < width; ++h) block[h] = first + h < heads ? simd::load(q + (first + h) * HeadDim + d) : simd::zero();
+      simd::transpose(block);
+      for (int i = 0; i < width; ++i) simd::store(q_t + (d + i) * lanes + first, block[i]);
+    }
+}
+
+// scores_t[key][lane] = k_key . (column `lane` of q_t) for Keys fp32 rows of k ([Keys][HeadDim])
+// and Vectors registers of lanes; q_t: [HeadDim][Vectors * 16].
+template <int HeadDim, int Vectors, int Keys>
+void score_keys(const float* k, const float* q_t, float* scores_t) {
+  constexpr int width = simd::width, lanes = Vectors * width;
+  simd::floats sums[Keys][Vectors];
+  for (int key = 0; key < Keys; ++key)
+    for (int i = 0; i < Vectors; ++i) sums[key][i] = simd::zero();
+  for (int d = 0; d < HeadDim; ++d) {
+    simd::floats query[Vectors];
+    for (int i = 0; i < Vectors; ++i) query[i] = simd::load(q_t + d * lanes + i * width);
+    for (int key = 0; key < Keys; ++key) {
+      const simd::floats element = simd::broadcast(k[key * HeadDim + d]);
+      for (int i = 0; i < Vectors; ++i) sums[key][i] = simd::fma(element, query[i], sums[key][i]);
+    }
+  }
+  for (int key = 0; key < Keys; ++key)
+    for (int i = 0; i < Vectors; ++i) simd::store(scores_t + key * lanes + i * width, sums[key][i]);
+}
+
+// scores[h][r] = q_h . k_r for the heads of q_t (Vectors registers of lanes) and `rows` rows of
+// k ([rows][HeadDim]), converted a block at a time, up to a multiple of 16 rows (the scores
+// past `rows` are of zero rows). Blocks of 8 keys x 1-2 registers of heads or 4 x 3-4 keep 8-16
+// sums in registers: fewer leave the FMAs waiting on their latency, more measured slower (the
+// loads of q_t then outrun the FMAs). The next tile's rows are asked for a block at a time.
+template <int HeadDim, int Vectors, class Storage>
+void score_product(const Storage* k, int rows, const float* q_t, float (*scores)[tile_rows], RowsAhead<Storage> ahead) {
+  constexpr int width = simd::width, lanes = Vectors * width, keys = Vectors <= 2 ? 8 : 4;
+  constexpr int units = elements_per_unit<Storage>;
+  alignas(64) float scores_t[product_rows][lanes];
+  alignas(64) float block[keys * HeadDim];
+  const int padded = (rows + width - 1) / width * width;
+  for (int first = 0; first < padded; first += keys) {
+    const int count = std::clamp(rows - first, 0, keys);
+    for (int r = first; r < first + count; ++r) ahead.template ask<HeadDim>(r);
+    pack_rows<HeadDim>(k + first * HeadDim / units, count, keys, block);
+    score_keys<HeadDim, Vectors, keys>(block, q_t, scores_t[first]);
+  }
+  for (int first = 0; first < padded; first += width)
+    for (int i = 0; i < Vectors; ++i) {
+      simd::floats sums[width];
+      for (int r = 0; r < width; ++r) sums[r] = simd::load(scores_t[first + r] + i * width);
+      simd::transpose(sums);
+      for (int h = 0; h < width; ++h) simd::store(scores[i * width + h] + first, sums[h]);
+    }
+}
+
+// score_product for `heads` rows of q_t ([HeadDim][lanes], lanes = heads rounded up to 16).
+template <int HeadDim, class Storage>
+void score_product(const Storage* k, int rows, const float* q_t, int heads, float (*scores)[tile_rows],
+                   RowsAhead<Storage> ahead) {
+  switch ((heads + simd::width - 1) / simd::width) {
+    case 1: return score_product<HeadDim, 1>(k, rows, q_t, scores, ahead);
+    case 2: return score_product<HeadDim, 2>(k, rows, q_t, scores, ahead);
+    case 3: return score_product<HeadDim, 3>(k, rows, q_t, scores, ahead);
+    default: return score_product<HeadDim, 4>(k, rows, q_t, scores, ahead);
+  }
+}
+#endif
 
 #if defined(KVCACHE_SIMD_INTEGER_DOT)
 // As score_rows, for integer codes (int8, int4) against queries rounded to 16-bit words
@@ -371,9 +468,19 @@ template <int HeadDim>
 void softmax_tile(float (*scores)[tile_rows], int heads, int rows, OnlineSoftmax* state, float* acc);
 template <int HeadDim, int Heads, class Storage>
 void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], RowsAhead<Storage> ahead);
-template <int HeadDim, int Heads, class Storage>
-void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, RowsAhead<Storage> ahead);
+template <int HeadDim, int Heads, class Storage, class Ahead = RowsAhead<Storage>>
+void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, Ahead ahead);
+template <int HeadDim, class Storage>
+void pack_rows(const Storage* rows, int count, int padded, float* out);
 
+#endif
+
+#if KVCACHE_SIMD_WIDTH != 16  // declared for the discarded branches, never instantiated
+template <int HeadDim>
+void transpose_queries(const float* q, int heads, float* q_t);
+template <int HeadDim, class Storage>
+void score_product(const Storage* k, int rows, const float* q_t, int heads, float (*scores)[tile_rows],
+                   RowsAhead<Storage> ahead);
 #endif
 
 #if !defined(KVCACHE_SIMD_INTEGER_DOT)  // declared for the discarded branches, never instantiated
@@ -491,9 +598,16 @@ inline void scale_weights(float (*weights)[tile_rows], int heads, int rows, cons
 // Floats aligned for the widest SIMD register the build uses.
 using AlignedFloats = std::vector<float, Eigen::aligned_allocator<float>>;
 
-// Per-thread room for `count` T, 64-byte aligned, one buffer per T (floats: the group-scaled
-// queries of a pass; words: the rounded queries of integer scoring); only grows.
-template <class T>
+// What a per-thread buffer of accumulate() holds.
+enum class Buffer {
+  group_queries,       // floats: the queries times a K group's channel scales (int4)
+  rounded_queries,     // words: the queries rounded for integer scoring
+  transposed_queries,  // floats: the queries of score_product
+  packed_values,       // floats: a V tile as fp32 rows (passes of score_product)
+};
+
+// Per-thread room for `count` T, 64-byte aligned, one buffer per use; only grows.
+template <class T, Buffer use>
 T* thread_buffer(std::size_t count) {
   thread_local std::vector<T, Eigen::aligned_allocator<T>> buffer;
   if (buffer.size() < count) buffer.resize(count);
@@ -535,14 +649,26 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   std::int16_t* q_words = nullptr;       // integer scoring: q (or q_group) rounded to words
   alignas(64) float q_unit[heads_per_pass];
   if constexpr (use_simd<HeadDim> && integer_dot<Storage>) {
-    q_words = thread_buffer<std::int16_t>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+    q_words = thread_buffer<std::int16_t, Buffer::rounded_queries>(static_cast<std::size_t>(heads_per_pass) * head_dim);
     if constexpr (!GroupQuantizedStorage<Storage>) round_queries<Storage>(q, heads, head_dim, q_words, q_unit);
   }
+  // Passes of more than 4 heads over rows scored in fp32 (score_product): the transposed
+  // queries, and room for a V tile as fp32 rows; made on first use.
+  float* q_t = nullptr;
+  float* packed_v = nullptr;  // [product_rows][HeadDim]
   // Segments of the cache's storage, or the full-precision residual rows of group-quantized
   // types (S = float).
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
     constexpr bool group_quantized = GroupQuantizedStorage<S>;
     constexpr bool integer = use_simd<HeadDim> && integer_dot<S>;  // scales and bias applied in scoring
+    constexpr bool product = use_simd<HeadDim> && simd::width == 16 && !integer && !group_quantized;
+    const bool product_pass = product && heads > most_heads;
+    if constexpr (product)
+      if (product_pass && q_t == nullptr) {
+        q_t = thread_buffer<float, Buffer::transposed_queries>(static_cast<std::size_t>(heads_per_pass) * HeadDim);
+        transpose_queries<HeadDim>(q, heads, q_t);
+        packed_v = thread_buffer<float, Buffer::packed_values>(static_cast<std::size_t>(product_rows) * HeadDim);
+      }
     const int units = head_dim / elements_per_unit<S>;  // storage units per row
     // K parameter groups from one kv-head's to the next (int4 keeps them per kv-head like the rows)
     const std::size_t head_groups = group_quantized ? segment.head_stride / units / view.group_tokens : 0;
@@ -555,7 +681,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       if (params == scaled_group) return;  // a group spans tiles
       if (group_end(position) < of.first_position + of.count)
         prefetch_lines(params + 2 * head_dim, 2 * head_dim * sizeof(float));
-      if (q_group == nullptr) q_group = thread_buffer<float>(static_cast<std::size_t>(heads_per_pass) * head_dim);
+      if (q_group == nullptr) q_group = thread_buffer<float, Buffer::group_queries>(static_cast<std::size_t>(heads_per_pass) * head_dim);
       if constexpr (integer)
         round_group_queries<HeadDim>(q, heads, params, q_group, q_words, q_unit, bias);
       else
@@ -622,11 +748,15 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
             });
         }
       } else if constexpr (use_simd<HeadDim>) {
-        for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
-          first += dispatch_heads(heads - first, [&](auto chunk) {
-            score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
-                                                        scores + first, {next_k, first / most_heads, passes});
-          });
+        if (product_pass) {
+          score_product<HeadDim>(k, rows, q_t, heads, scores, RowsAhead<S>{next_k});
+        } else {
+          for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
+            first += dispatch_heads(heads - first, [&](auto chunk) {
+              score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
+                                                          scores + first, {next_k, first / most_heads, passes});
+            });
+        }
       } else {
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
@@ -672,11 +802,18 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
                                                                      {next_v, first / most_heads, passes});
           });
       } else if constexpr (use_simd<HeadDim>) {
+        // A product pass converts a V tile of f16, bf16 or fp8 once, not once per 4 heads.
+        float* v_packed = nullptr;
+        if constexpr (product && !std::same_as<S, float>)
+          if (product_pass) pack_rows<HeadDim>(v, rows, rows, v_packed = packed_v);
         for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
           first += dispatch_heads(heads - first, [&](auto chunk) {
-            accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
-                                                             acc + static_cast<std::size_t>(first) * HeadDim,
-                                                             {next_v, first / most_heads, passes});
+            float* sums = acc + static_cast<std::size_t>(first) * HeadDim;
+            const RowsAhead<S> ahead{next_v, first / most_heads, passes};
+            if (v_packed != nullptr)
+              accumulate_rows<HeadDim, decltype(chunk)::value>(v_packed, rows, scores + first, sums, ahead);
+            else
+              accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first, sums, ahead);
           });
       } else {
         alignas(64) float row_data[Capacity];

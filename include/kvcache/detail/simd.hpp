@@ -116,6 +116,38 @@ inline floats reduce_each(const floats* v, Add add) {
 }
 inline floats sum_each(const floats* v) { return reduce_each(v, [](floats a, floats b) { return _mm512_add_ps(a, b); }); }
 
+// Transposes 16 x 16 floats in place: lane j of rows[i] becomes lane i of rows[j]. Pairs of
+// rows interleaved by floats, then by float pairs, then by 128-bit blocks twice: 64 shuffles.
+inline void transpose(floats (&rows)[16]) {
+  floats t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);
+  }
+  auto pairs = [](floats a, floats b, bool high) {
+    const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+    return _mm512_castpd_ps(high ? _mm512_unpackhi_pd(x, y) : _mm512_unpacklo_pd(x, y));
+  };
+  for (int i = 0; i < 16; i += 4) {
+    rows[i] = pairs(t[i], t[i + 2], false);
+    rows[i + 1] = pairs(t[i], t[i + 2], true);
+    rows[i + 2] = pairs(t[i + 1], t[i + 3], false);
+    rows[i + 3] = pairs(t[i + 1], t[i + 3], true);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(rows[i], rows[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(rows[i], rows[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(rows[i + 8], rows[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(rows[i + 8], rows[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    rows[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    rows[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    rows[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    rows[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // Integer dot products (VNNI) for integer codes: 16-bit words multiplied in adjacent pairs and
 // summed into 32-bit lanes, 32 products per instruction where an fp32 FMA makes 16, and codes
