@@ -17,7 +17,9 @@
 // kv-head) and over token ranges of long sequences (fixed by the sequence, so results are
 // batch-invariant), whose partial softmax states are merged in order.
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
-// visible to all of its queries and read once for all of them.
+// visible to all of its queries and read once for all of them. Passes of more than 4 rows
+// (prefill, MQA) are bound by the FMAs, not memory: with AVX-512 they score a K tile as a small
+// matrix product with the heads in SIMD lanes (score_product) and convert a V tile once.
 //
 // The fast path needs AVX-512 or AVX2+FMA+F16C and head_dim 64, 128 or 256; every other case
 // takes a portable Eigen path with the same structure. Nothing here allocates once a thread has
