@@ -554,9 +554,9 @@ class KVCache {
       detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a power of two for ",
                    DType::name, ": the Hadamard rotation needs one");
     if constexpr (GroupQuantizedElement<DType>)
-      if (shape.head_dim % 4 != 0)
-        detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a multiple of 4 for ",
-                     DType::name, ": two codes per byte, and whole bytes of group scales per token");
+      if (shape.head_dim % 8 != 0)
+        detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a multiple of 8 for ",
+                     DType::name, ": key groups are stored in blocks of 8 channels");
     if constexpr (staged) {
       // A group is quantized into consecutive rows of one page, and a window's ring drops whole groups.
       const Retention retention = layout.retention();
@@ -843,8 +843,9 @@ class KVCache {
         if constexpr (grouped) {
           const float* k_params = key_params(layer, at.page, head, at.row);
           const float* v_params = value_params(layer, at.page, head, at.row);
+          const storage_type* k_group = k_codes - static_cast<std::size_t>(group_row) * row_units();
           for (int d = 0; d < shape_.head_dim; ++d) {
-            k_row[d] = held ? k_params[shape_.head_dim + d] + int4_code_at(k_codes, d) * k_params[d] : 0.0f;
+            k_row[d] = held ? k_params[shape_.head_dim + d] + int4_key_code_at(k_group, group_row, d) * k_params[d] : 0.0f;
             v_row[d] = held ? v_params[1] + int4_code_at(v_codes, d) * v_params[0] : 0.0f;
           }
         } else {

@@ -69,10 +69,11 @@ Rows view_values(const SequenceView<Storage>& view, int kind) {
       const int units = hd / 2;
       const int page_groups = static_cast<int>(segment.head_stride) / units / view.group_tokens;
       const int4x2* codes = (kind == 0 ? segment.k : segment.v) + head * segment.head_stride + r * units;
-      if (kind == 0) {
+      if (kind == 0) {  // keys: a group's codes are laid out together (int4_key_code_at)
         const int group_index = (segment.first_position + r) / group - segment.first_position / group;
         const float* params = segment.k_scale + (head * page_groups + group_index) * 2 * hd;
-        return params[hd + d] + int4_code_at(codes, d) * params[d];
+        const int token = (segment.first_position + r) % group;
+        return params[hd + d] + int4_key_code_at(codes - token * units, token, d) * params[d];
       }
       const float* params = segment.v_scale + (head * page_groups * group + r) * 2;
       return params[1] + int4_code_at(codes, d) * params[0];

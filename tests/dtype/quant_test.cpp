@@ -602,7 +602,7 @@ TEST(Int4Element, KeysPerChannelValuesPerRowWithinTheirBounds) {
     EXPECT_NEAR(scale, (high - low) / 15, 1e-6 * (high - low)) << "channel " << d;
     for (int r = 0; r < group; ++r) {
       const float x = rows[r * head_dim + d];
-      const float stored = minimum + int4_code_at(codes.data() + r * head_dim / 2, d) * scale;
+      const float stored = minimum + int4_key_code_at(codes.data(), r, d) * scale;
       if (std::isinf(x)) EXPECT_EQ(stored, x > 0 ? minimum + 15 * scale : minimum);
       else EXPECT_LE(std::abs((std::isnan(x) ? 0.0f : x) - stored), scale / 2 * (1 + 1e-5) + 1e-30f) << "channel " << d << ", row " << r;
     }

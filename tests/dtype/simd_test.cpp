@@ -85,6 +85,21 @@ TEST(Simd, Int4CodesComeOutInElementOrder) {
   }
 }
 
+// The float path's view of an int4 key group: a token per lane, a vector per channel.
+TEST(Simd, KeyGroupCodesComeOutPerChannel) {
+  std::vector<int4x2> group(int4_group_tokens * 8 / 2);  // one block of 8 channels
+  for (std::size_t byte = 0; byte < group.size(); ++byte) group[byte].bits = static_cast<std::uint8_t>(byte * 53 + 5);
+  for (int first = 0; first < int4_group_tokens; first += width) {
+    simd::floats channels[8];
+    simd::load_key_block(group.data() + first * 4, channels);
+    for (int d = 0; d < 8; ++d) {
+      const std::vector<float> got = lanes(channels[d]);
+      for (int token = 0; token < width; ++token)
+        EXPECT_EQ(got[token], int4_key_code_at(group.data(), first + token, d)) << "token " << first + token << ", channel " << d;
+    }
+  }
+}
+
 TEST(Simd, BlockLoadsEqualSingleLoads) {
   std::vector<int4x2> packed;
   for (int byte = 0; byte < 256; ++byte) packed.push_back({static_cast<std::uint8_t>(byte * 37 + 11)});
@@ -127,20 +142,27 @@ TEST(SimdIntegerDot, CodesWidenToWordsInTheDocumentedOrder) {
     const auto words = word_lanes(simd::load_words(int8_codes.data() + first));
     for (int i = 0; i < word_width; ++i) EXPECT_EQ(words[i], int8_codes[first + i]);
   }
-  std::vector<int4x2> packed;
-  for (int byte = 0; byte < 256; ++byte) packed.push_back({static_cast<std::uint8_t>(byte * 7 + 3)});
-  for (int first = 0; first < 256; first += word_width) {  // 64 codes from 32 bytes
-    simd::words even, odd;
-    simd::load_words(packed.data() + first, even, odd);
-    const auto even_words = word_lanes(even), odd_words = word_lanes(odd);
-    for (int i = 0; i < word_width; ++i) {
-      EXPECT_EQ(even_words[i], int4_code_at(packed.data() + first, 2 * i));
-      EXPECT_EQ(odd_words[i], int4_code_at(packed.data() + first, 2 * i + 1));
+}
+
+// An int4 key group's block of 8 channels of 16 tokens comes out as word pairs (channel 2i,
+// 2i + 1) per token, pairs 1 and 3 times 16, as score_key_group_integer dots them.
+TEST(SimdIntegerDot, KeyGroupCodesComeOutAsChannelPairs) {
+  std::vector<int4x2> group(int4_group_tokens * 8 / 2);  // one block of 8 channels
+  for (std::size_t byte = 0; byte < group.size(); ++byte) group[byte].bits = static_cast<std::uint8_t>(byte * 37 + 11);
+  for (int first = 0; first < int4_group_tokens; first += 16) {
+    simd::words pairs[4];
+    simd::load_key_pairs(group.data() + first * 4, pairs);
+    for (int i = 0; i < 4; ++i) {
+      const auto words = word_lanes(pairs[i]);
+      for (int token = 0; token < 16; ++token)
+        for (int odd = 0; odd < 2; ++odd)
+          EXPECT_EQ(words[2 * token + odd], int4_key_code_at(group.data(), first + token, 2 * i + odd) * (i % 2 == 1 ? 16 : 1))
+              << "token " << first + token << ", channel " << 2 * i + odd;
     }
   }
 }
 
-TEST(SimdIntegerDot, RoundsToWordsAndDeinterleaves) {
+TEST(SimdIntegerDot, RoundsToWords) {
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
   std::vector<float> values(128);
@@ -149,16 +171,10 @@ TEST(SimdIntegerDot, RoundsToWordsAndDeinterleaves) {
   const float factor = 32767.0f;
   auto rounded = [&](int d) { return static_cast<std::int16_t>(std::nearbyint(values[d] * factor)); };
   std::vector<std::int16_t> words(128);
-  simd::round_to_words(values.data(), 128, factor, false, words.data());
+  simd::round_to_words(values.data(), 128, factor, words.data());
   for (int d = 0; d < 128; ++d) EXPECT_EQ(words[d], rounded(d)) << "element " << d;
-  simd::round_to_words(values.data(), 128, factor, true, words.data());
-  for (int block = 0; block < 128; block += 64)
-    for (int i = 0; i < 32; ++i) {
-      EXPECT_EQ(words[block + i], rounded(block + 2 * i)) << "even element " << block + 2 * i;
-      EXPECT_EQ(words[block + 32 + i], rounded(block + 2 * i + 1)) << "odd element " << block + 2 * i + 1;
-    }
   std::vector<float> beyond(32, 2.0f);  // saturates instead of wrapping
-  simd::round_to_words(beyond.data(), 32, factor, false, words.data());
+  simd::round_to_words(beyond.data(), 32, factor, words.data());
   EXPECT_EQ(words[0], 32767);
 }
 

@@ -75,6 +75,15 @@ inline void load_block(const int4x2* p, floats (&out)[4]) {
   out[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(first, 1)));
   out[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(second, 1)));
 }
+// Key codes of 16 tokens of a block of 8 channels of an int4 key group (int4_key_code_at: a
+// 32-bit word per token) as floats: out[j] holds channel 8c + j of each token.
+inline void load_key_block(const int4x2* p, floats (&out)[8]) {
+  const __m512i x = _mm512_loadu_si512(p), nibble = _mm512_set1_epi32(0xF);
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(x, 4 * i), nibble));
+    out[2 * i + 1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(x, 16 + 4 * i), nibble));
+  }
+}
 inline void store(float* p, floats v) { _mm512_storeu_ps(p, v); }
 inline floats zero() { return _mm512_setzero_ps(); }
 inline floats broadcast(float x) { return _mm512_set1_ps(x); }
@@ -162,12 +171,17 @@ inline words load_words(const std::int16_t* p) { return _mm512_loadu_si512(p); }
 inline words load_words(const std::int8_t* p) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-// 64 int4 codes (32 bytes) as two vectors of words: `even` the codes of elements 0, 2, ..., 62,
-// `odd` those of 1, 3, ..., 63. Queries dotted with them must be in the same order.
-inline void load_words(const int4x2* p, words& even, words& odd) {
-  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  even = _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
-  odd = _mm512_srli_epi16(bytes, 4);
+// Key codes of 16 tokens of a block of 8 channels of an int4 key group (int4_key_code_at: 64
+// bytes, a 32-bit word per token) as the four vectors of word pairs (channel 8c + 2i, 8c + 2i + 1),
+// i = 0..3, to be dotted with query word pairs: vectors 1 and 3 hold their codes times 16 (a
+// mask without a shift; their sums are divided by 16 exactly, being multiples of it).
+inline void load_key_pairs(const int4x2* p, words (&out)[4]) {
+  const __m512i x = _mm512_loadu_si512(p), y = _mm512_srli_epi32(x, 8);
+  const __m512i low = _mm512_set1_epi32(0x000F000F), high = _mm512_set1_epi32(0x00F000F0);
+  out[0] = _mm512_and_si512(x, low);
+  out[1] = _mm512_and_si512(x, high);
+  out[2] = _mm512_and_si512(y, low);
+  out[3] = _mm512_and_si512(y, high);
 }
 // Codes of 64 elements of two rows, `a` and `b`, as four vectors of word pairs: each 32-bit lane
 // holds one element's code in a (low word) and in b (high word), to be dotted with a pair of
@@ -223,6 +237,8 @@ inline void store_words(std::int16_t* out, floats v) {
 }
 inline ints zero_ints() { return _mm512_setzero_si512(); }
 inline ints add(ints a, ints b) { return _mm512_add_epi32(a, b); }
+inline ints shift_right(ints a, int bits) { return _mm512_srai_epi32(a, static_cast<unsigned>(bits)); }  // arithmetic
+inline floats to_float(ints a) { return _mm512_cvtepi32_ps(a); }
 inline ints dot_add(ints sums, words a, words b) {
 #if defined(__GNUC__) && !defined(__clang__)
   // GCC 12 copies each accumulator of the intrinsic to a new register and back (and spills
@@ -245,27 +261,10 @@ inline floats sum_each_to_float(const ints* v) {
 }
 
 // Rounds `count` floats times `factor` to words at `out` (ties to even, saturating; count a
-// multiple of 16). With `deinterleave` (count a multiple of 64), each 64 values go out as their
-// even elements, then their odd ones (the order load_words gives int4 codes).
-inline void round_to_words(const float* in, int count, float factor, bool deinterleave, std::int16_t* out) {
+// multiple of 16).
+inline void round_to_words(const float* in, int count, float factor, std::int16_t* out) {
   const floats times = _mm512_set1_ps(factor);
-  auto rounded = [&](int at) { return _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(in + at), times)); };
-  auto store = [&](int at, __m512i lanes) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), _mm512_cvtsepi32_epi16(lanes));
-  };
-  if (!deinterleave) {
-    for (int at = 0; at < count; at += 16) store_words(out + at, _mm512_mul_ps(_mm512_loadu_ps(in + at), times));
-    return;
-  }
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int at = 0; at < count; at += 64) {
-    const __m512i a = rounded(at), b = rounded(at + 16), c = rounded(at + 32), d = rounded(at + 48);
-    store(at, _mm512_permutex2var_epi32(a, even, b));
-    store(at + 16, _mm512_permutex2var_epi32(c, even, d));
-    store(at + 32, _mm512_permutex2var_epi32(a, odd, b));
-    store(at + 48, _mm512_permutex2var_epi32(c, odd, d));
-  }
+  for (int at = 0; at < count; at += 16) store_words(out + at, _mm512_mul_ps(_mm512_loadu_ps(in + at), times));
 }
 #endif
 
@@ -305,6 +304,14 @@ inline floats load(const int4x2* p) {  // 8 codes from 4 bytes
   std::memcpy(&word, p, sizeof word);
   const __m128i bytes = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(word));
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(unpack_nibbles(bytes)));
+}
+// As the AVX-512 load_key_block, for 8 tokens (32 bytes).
+inline void load_key_block(const int4x2* p, floats (&out)[8]) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), nibble = _mm256_set1_epi32(0xF);
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, 4 * i), nibble));
+    out[2 * i + 1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, 16 + 4 * i), nibble));
+  }
 }
 inline void store(float* p, floats v) { _mm256_storeu_ps(p, v); }
 inline floats zero() { return _mm256_setzero_ps(); }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <utility>
 
 #include "../config.hpp"
 #include "concept.hpp"
@@ -124,7 +125,8 @@ inline void dequantize_int4_group(std::span<const std::uint8_t> packed, Int4Para
 // each sequence in full precision (the residual window: the positions after the last whole
 // group, fewer than int4_group_tokens) and quantizes a group when it fills.
 //
-// Per kv-head of a page the cache stores codes [page_tokens][head_dim / 2] for K and for V,
+// Per kv-head of a page the cache stores codes [page_tokens][head_dim / 2] for V, and for K the
+// same bytes as [page_tokens / group] key groups (int4_key_code_at says how one is laid out),
 // K parameters [page_tokens / group][2][head_dim] (a group's channel scales, then its channel
 // minima) and V parameters [page_tokens][2] (scale, minimum). With head_dim 128 a token takes
 // 168 bytes per kv-head (f16: 512); the residual window takes the same f32 rows in every
@@ -143,6 +145,25 @@ inline float int4_code_at(const int4x2* codes, int d) noexcept {
   return static_cast<float>((codes[d / 2].bits >> (4 * (d % 2))) & 0xF);
 }
 
+// A group of key codes, int4_group_tokens tokens of head_dim channels (head_dim a multiple
+// of 8), is stored channel-block-major, [head_dim / 8][int4_group_tokens][4 bytes]: the 32-bit
+// word of token t in block c holds channels 8c + 2i in bits 4i (i = 0..3) and 8c + 2i + 1 in
+// bits 16 + 4i. So one 64-byte load holds 8 channels of 16 tokens, and shifting it by 4i and
+// masking 0x000F000F gives each token the 16-bit pair (channel 8c + 2i, 8c + 2i + 1): a group
+// is dotted with the queries a token per SIMD lane, with no reduction across lanes.
+// Byte offset in the group, and bit shift in that byte, of token `token`'s channel d.
+inline std::pair<std::size_t, int> int4_key_code_place(int token, int d) noexcept {
+  const int channel = d % 8, pair = channel / 2;
+  const std::size_t word = static_cast<std::size_t>(d / 8) * int4_group_tokens + static_cast<std::size_t>(token);
+  return {word * 4 + static_cast<std::size_t>(channel % 2) * 2 + static_cast<std::size_t>(pair / 2), 4 * (pair % 2)};
+}
+
+// Code of channel d of token `token` of a group of key codes, as a float.
+inline float int4_key_code_at(const int4x2* group, int token, int d) noexcept {
+  const auto [byte, shift] = int4_key_code_place(token, d);
+  return static_cast<float>((group[byte].bits >> shift) & 0xF);
+}
+
 namespace detail {
 inline void set_int4_code(int4x2* codes, int d, std::uint8_t code) noexcept {
   codes[d / 2].bits = static_cast<std::uint8_t>(codes[d / 2].bits | code << (4 * (d % 2)));
@@ -154,19 +175,22 @@ inline std::uint8_t int4_code_or_zero(float x, Int4Params params) noexcept {
 
 // Quantizes a whole group of key rows, rows [int4_group_tokens][head_dim], channel by channel:
 // params [2][head_dim] get each channel's scale and minimum (int4_group_params over the
-// channel's group_tokens values), codes [int4_group_tokens][head_dim / 2] the codes. Each element
-// is within its channel's scale / 2 of its dequantized value (the bound at the top).
+// channel's group_tokens values), codes (int4_group_tokens * head_dim / 2 bytes, laid out as
+// int4_key_code_at reads them) the codes. Each element is within its channel's scale / 2 of its
+// dequantized value (the bound at the top). @pre head_dim % 8 == 0
 inline void quantize_int4_keys(const float* rows, int head_dim, float* params, int4x2* codes) noexcept {
   constexpr int group = int4_group_tokens;
-  const std::size_t row_units = static_cast<std::size_t>(head_dim) / 2;
-  for (std::size_t unit = 0; unit < group * row_units; ++unit) codes[unit].bits = 0;
+  for (std::size_t unit = 0; unit < static_cast<std::size_t>(group) * head_dim / 2; ++unit) codes[unit].bits = 0;
   for (int d = 0; d < head_dim; ++d) {
     float channel[group];
     for (int r = 0; r < group; ++r) channel[r] = rows[static_cast<std::size_t>(r) * head_dim + d];
     const Int4Params p = int4_group_params(channel);
     params[d] = p.scale;
     params[head_dim + d] = p.minimum;
-    for (int r = 0; r < group; ++r) detail::set_int4_code(codes + r * row_units, d, detail::int4_code_or_zero(channel[r], p));
+    for (int r = 0; r < group; ++r) {
+      const auto [byte, shift] = int4_key_code_place(r, d);
+      codes[byte].bits = static_cast<std::uint8_t>(codes[byte].bits | detail::int4_code_or_zero(channel[r], p) << shift);
+    }
   }
 }
 
@@ -190,7 +214,8 @@ struct int4 {
   static constexpr int group_tokens = int4_group_tokens;
 
   // K and V bytes of one token in one kv-head: codes, the V row's scale and minimum, and its
-  // share of the K group's channel scales and minima. @pre head_dim % 4 == 0 (whole bytes).
+  // share of the K group's channel scales and minima. @pre head_dim % 8 == 0 (key groups'
+  // blocks of 8 channels).
   static constexpr std::size_t token_bytes(std::size_t head_dim) noexcept {
     return head_dim + 2 * sizeof(float) + 2 * sizeof(float) * head_dim / group_tokens;
   }
