@@ -391,12 +391,13 @@ void score_product(const Storage* k, int rows, const float* q_t, int heads, floa
 // As score_rows, for int8 codes against queries rounded to 16-bit words (round_queries): each
 // row's codes widen to words in registers and are dotted with every head's words by integer
 // multiply-adds, summed exactly in 32-bit lanes (at most 256 * 127 * 32767 < 2^31), then scaled
-// by the head's `unit` (the value of one query step) and the row's scale.
-//   q: [Heads][HeadDim] words; row_scale: [rows]
-template <int HeadDim, int Heads>
-void score_rows_integer(const std::int8_t* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
-                        float (*scores)[tile_rows], RowsAhead<std::int8_t> ahead) {
-  constexpr int width = simd::width, vectors = HeadDim / simd::word_width;
+// by the head's `unit` (the value of one query step) and, where given, by the row's scale and
+// offset by the head's bias. Row r's scores go to column `column + r`.
+//   q: [Heads][HeadDim] words; row_scale: [rows] or null; bias: [Heads] or null
+template <int HeadDim, int Heads, class Storage>
+void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
+                        const float* bias, float (*scores)[tile_rows], int column, RowsAhead<Storage> ahead) {
+  constexpr int width = simd::width, vectors = HeadDim / simd::word_width, units = elements_per_unit<Storage>;
   for (int first = 0; first < rows; first += width) {
     const int count = std::min(width, rows - first);
     simd::ints partial[Heads][width];
@@ -404,19 +405,25 @@ void score_rows_integer(const std::int8_t* k, int rows, const std::int16_t* q, c
       simd::ints sums[Heads];
       for (int h = 0; h < Heads; ++h) sums[h] = simd::zero_ints();
       if (r < count) {
-        const std::int8_t* row = k + (first + r) * HeadDim;
+        const Storage* row = k + (first + r) * HeadDim / units;
         ahead.template ask<HeadDim>(first + r);
         simd::words key[vectors];
-        for (int j = 0; j < vectors; ++j) key[j] = simd::load_words(row + j * simd::word_width);
+        for (int j = 0; j < vectors; j += 2) {
+          key[j] = simd::load_words(row + j * simd::word_width);
+          key[j + 1] = simd::load_words(row + (j + 1) * simd::word_width);
+        }
         for (int h = 0; h < Heads; ++h)
           for (int j = 0; j < vectors; ++j)
             sums[h] = simd::dot_add(sums[h], simd::load_words(q + h * HeadDim + j * simd::word_width), key[j]);
       }
       for (int h = 0; h < Heads; ++h) partial[h][r] = sums[h];
     }
-    const simd::floats scale = simd::load_first(row_scale + first, count);
+    const simd::floats scale = row_scale == nullptr ? simd::broadcast(1.0f) : simd::load_first(row_scale + first, count);
     for (int h = 0; h < Heads; ++h)
-      simd::store(scores[h] + first, simd::mul(simd::mul(simd::sum_each_to_float(partial[h]), scale), simd::broadcast(unit[h])));
+      simd::store_first(scores[h] + column + first,
+                        simd::fma(simd::mul(simd::sum_each_to_float(partial[h]), scale), simd::broadcast(unit[h]),
+                                  simd::broadcast(bias == nullptr ? 0.0f : bias[h])),
+                        count);
   }
 }
 
@@ -538,9 +545,9 @@ void score_product(const Storage* k, int rows, const float* q_t, int heads, floa
 #endif
 
 #if !defined(KVCACHE_SIMD_INTEGER_DOT)  // declared for the discarded branches, never instantiated
-template <int HeadDim, int Heads>
-void score_rows_integer(const std::int8_t* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
-                        float (*scores)[tile_rows], RowsAhead<std::int8_t> ahead);
+template <int HeadDim, int Heads, class Storage>
+void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
+                        const float* bias, float (*scores)[tile_rows], int column, RowsAhead<Storage> ahead);
 template <int HeadDim, int Heads>
 void score_key_group_integer(const int4x2* group, int first, int count, const std::int16_t* q, const float* unit,
                              const float* bias, float (*scores)[tile_rows], int column, RowsAhead<int4x2> ahead);
@@ -808,7 +815,9 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
                                                               part_rows, q_chunk, q_unit + first, bias + first,
                                                               scores + first, part, ahead);
               } else {
-                score_rows_integer<HeadDim, chunk_heads>(k, rows, q_chunk, q_unit + first, k_scale, scores + first, ahead);
+                score_rows_integer<HeadDim, chunk_heads>(k + offset, part_rows, q_chunk, q_unit + first,
+                                                         k_scale == nullptr ? nullptr : k_scale + part, nullptr,
+                                                         scores + first, part, ahead);
               }
             });
         }
@@ -818,14 +827,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         } else {
           for (int first = 0; first < heads;)  // K tile stays in L1 across the chunks
             first += dispatch_heads(heads - first, [&](auto chunk) {
-              const float* q_chunk = q_tile + static_cast<std::size_t>(first) * HeadDim;
-              const RowsAhead<S> ahead{next_k, first / most_heads, passes};
               if constexpr (group_quantized) {
                 const int token = tile % view.group_tokens;  // the tile is in one K group
-                score_key_group<HeadDim, decltype(chunk)::value>(k - static_cast<std::size_t>(token) * units, token, rows,
-                                                                 q_chunk, scores + first, ahead);
+                score_key_group<HeadDim, decltype(chunk)::value>(
+                    k - static_cast<std::size_t>(token) * units, token, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
+                    scores + first, {next_k, first / most_heads, passes});
               } else {
-                score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_chunk, scores + first, ahead);
+                score_rows<HeadDim, decltype(chunk)::value>(k, rows, q_tile + static_cast<std::size_t>(first) * HeadDim,
+                                                            scores + first, {next_k, first / most_heads, passes});
               }
             });
         }
