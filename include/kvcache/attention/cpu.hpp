@@ -889,18 +889,25 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
           });
       } else if constexpr (use_simd<HeadDim>) {
         // A product pass converts a V tile of f16, bf16 or fp8 once, not once per 4 heads.
-        float* v_packed = nullptr;
+        bool packed = false;
         if constexpr (product && !std::same_as<S, float>)
-          if (product_pass) pack_rows<HeadDim>(v, rows, rows, v_packed = packed_v);
-        for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
-          first += dispatch_heads(heads - first, [&](auto chunk) {
-            float* sums = acc + static_cast<std::size_t>(first) * HeadDim;
-            const RowsAhead<S> ahead{next_v, first / most_heads, passes};
-            if (v_packed != nullptr)
-              accumulate_rows<HeadDim, decltype(chunk)::value>(v_packed, rows, scores + first, sums, ahead);
-            else
-              accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first, sums, ahead);
-          });
+          if (product_pass) {
+            pack_rows<HeadDim>(v, rows, rows, packed_v);
+            for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
+              first += dispatch_heads(heads - first, [&](auto chunk) {
+                accumulate_rows<HeadDim, decltype(chunk)::value>(packed_v, rows, scores + first,
+                                                                 acc + static_cast<std::size_t>(first) * HeadDim,
+                                                                 RowsAhead<S>{next_v, first / most_heads, passes});
+              });
+            packed = true;
+          }
+        if (!packed)
+          for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
+            first += dispatch_heads(heads - first, [&](auto chunk) {
+              accumulate_rows<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
+                                                               acc + static_cast<std::size_t>(first) * HeadDim,
+                                                               {next_v, first / most_heads, passes});
+            });
       } else {
         alignas(64) float row_data[Capacity];
         Eigen::Map<Row> row(row_data, head_dim);
