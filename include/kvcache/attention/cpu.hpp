@@ -244,7 +244,7 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
 template <int HeadDim, int Heads>
 void score_key_group(const int4x2* group, int first, int count, const float* q, float (*scores)[tile_rows],
                      RowsAhead<int4x2> ahead) {
-  constexpr int width = simd::width, vectors = int4_group_tokens / width, blocks = HeadDim / 8;
+  constexpr int width = simd::width, blocks = HeadDim / 8;
   alignas(64) float group_scores[Heads][int4_group_tokens];
   for (int t = first / width; t * width < first + count; ++t) {
     simd::floats even[Heads], odd[Heads];  // two chains per head
@@ -262,7 +262,6 @@ void score_key_group(const int4x2* group, int first, int count, const float* q, 
     }
     for (int h = 0; h < Heads; ++h) simd::store(group_scores[h] + t * width, simd::add(even[h], odd[h]));
   }
-  static_assert(vectors >= 1);
   for (int h = 0; h < Heads; ++h) std::copy_n(group_scores[h] + first, count, scores[h]);
 }
 
