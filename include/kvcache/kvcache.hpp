@@ -15,6 +15,7 @@
 #include "dtype/int8.hpp"
 #include "dtype/residual.hpp"
 #include "dtype/round_trip.hpp"
+#include "dtype/scale_search.hpp"
 
 #include "prefix/block_hash.hpp"
 #include "prefix/eviction.hpp"

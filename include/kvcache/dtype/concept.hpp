@@ -84,12 +84,16 @@ KVCACHE_HOST_DEVICE constexpr bool is_finite(float x) noexcept {
 KVCACHE_HOST_DEVICE constexpr float magnitude(float x) noexcept {
   return std::bit_cast<float>(std::bit_cast<std::uint32_t>(x) & 0x7FFFFFFFu);
 }
-// The finite elements' largest magnitude (NaN and inf skipped); 0 for none.
+// The finite elements' largest magnitude (NaN and inf skipped); 0 for none. Computed on the
+// bits, where finite magnitudes order as unsigned integers: a branch-free integer max vectorizes.
 KVCACHE_HOST_DEVICE constexpr float finite_absmax(std::span<const float> row) noexcept {
-  float absmax = 0.0f;
-  for (const float x : row)
-    if (is_finite(x) && magnitude(x) > absmax) absmax = magnitude(x);
-  return absmax;
+  std::uint32_t largest = 0;
+  for (const float x : row) {
+    const std::uint32_t bits = std::bit_cast<std::uint32_t>(x) & 0x7FFFFFFFu;
+    const std::uint32_t finite = bits < 0x7F800000u ? bits : 0u;
+    largest = finite > largest ? finite : largest;
+  }
+  return std::bit_cast<float>(largest);
 }
 
 }  // namespace detail

@@ -23,6 +23,7 @@
 
 #include "../config.hpp"
 #include "concept.hpp"
+#include "scale_search.hpp"
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -124,6 +125,16 @@ struct fp8_codec {
     return std::bit_cast<float>(std::bit_cast<std::uint32_t>(magnitude) | sign);
   }
 
+  // `value` rounded to MantissaBits bits after the binary point, ties to even, like encode for
+  // normal values in range; elsewhere (fp8 subnormals, beyond max_finite) only an estimate.
+  // What a scale search needs: a few integer instructions (search_simd has them lane-wise).
+  KVCACHE_HOST_DEVICE static constexpr float round_significand(float value) noexcept {
+    constexpr int dropped = 23 - MantissaBits;
+    const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
+    const std::uint32_t half = (std::uint32_t{1} << (dropped - 1)) - 1 + ((bits >> dropped) & 1);
+    return std::bit_cast<float>((bits + half) & ~((std::uint32_t{1} << dropped) - 1));
+  }
+
   // decode of every code, built at compile time: dequantizing a block is one lookup per byte.
   static constexpr const std::array<float, 256>& decode_table() noexcept {
     return detail::fp8_decode_table<fp8_codec>;
@@ -149,12 +160,16 @@ struct fp8_e5m2_code {
 };
 
 // The fp8 cache elements, with one float scale per row (token and kv-head): the row is divided
-// by absmax / max_finite before encoding, so every row uses the whole fp8 range. A row of 128
-// elements takes 132 bytes. Error bound per element x of a row with absmax m:
-//   E4M3: |x - x'| <= max(|x| * 2^-4, m * 2^-18)    (3 mantissa bits; subnormals below m/2^6/448)
-//   E5M2: |x - x'| <= max(|x| * 2^-3, m * 2^-32)
+// by absmax / max_finite * (1 + k / 32) before encoding, for the k in [0, 32) that rounds the
+// row closest (in squared error; dtype/scale_search.hpp), so every row uses all but at most one
+// binade of the fp8 range. A row of 128 elements takes 132 bytes. Error bound per element x of
+// a row with absmax m:
+//   E4M3: |x - x'| <= max(|x| * 2^-4, m * 2^-17)    (3 mantissa bits; subnormals below m/2^5/448)
+//   E5M2: |x - x'| <= max(|x| * 2^-3, m * 2^-31)
 // NaN inputs are stored as 0 and +-inf saturate to +-absmax of the finite elements, as int8
-// does, so a cache never holds a NaN or inf code.
+// does, so a cache never holds a NaN or inf code. Rows holding inf, rows whose absmax is within
+// a factor 2 of FLT_MAX (which rounding up could take to inf) and rows whose scale would be
+// subnormal keep k = 0.
 template <class Codec, class Code>
 struct fp8_element {
   using storage_type = Code;
@@ -163,7 +178,7 @@ struct fp8_element {
   static constexpr int scale_bits = 32;
 
   KVCACHE_HOST_DEVICE static float row_scale(std::span<const float> row) noexcept {
-    return detail::finite_absmax(row) / Codec::max_finite;
+    return detail::searched_row_scale<fp8_element>(row);
   }
   KVCACHE_HOST_DEVICE static void quantize_row(std::span<const float> row, float scale, Code* codes) {
     for (std::size_t i = 0; i < row.size(); ++i) {
@@ -172,6 +187,28 @@ struct fp8_element {
     }
   }
   KVCACHE_HOST_DEVICE static constexpr float decode(Code code) noexcept { return Codec::decode(code.bits); }
+
+  // The scale search (dtype/scale_search.hpp): candidate k is absmax / max_finite * (1 + k / 32).
+  static constexpr int scale_candidates = 32;
+  static constexpr float min_searched_absmax = Codec::max_finite * std::numeric_limits<float>::min();
+  static constexpr float max_searched_absmax = std::numeric_limits<float>::max() / 2;
+  KVCACHE_HOST_DEVICE static float search_gain(int k) noexcept { return Codec::max_finite / stretch(k); }
+  KVCACHE_HOST_DEVICE static float candidate_scale(float absmax, int k) noexcept {
+    return absmax / Codec::max_finite * stretch(k);
+  }
+  // On the normal grid only: elements that land among fp8's subnormals lose at most half a
+  // subnormal step, which the estimate does not see and the bound above covers.
+  KVCACHE_HOST_DEVICE static float nearest_code(float y) noexcept { return Codec::round_significand(y); }
+#if KVCACHE_SCALE_SEARCH_LANES
+  static auto nearest_code(detail::search_simd::floats y) noexcept {
+    return detail::search_simd::round_significand<Codec::mantissa_bits>(y);
+  }
+#endif
+
+ private:
+  KVCACHE_HOST_DEVICE static constexpr float stretch(int k) noexcept {
+    return 1.0f + static_cast<float>(k) / scale_candidates;
+  }
 };
 
 using fp8_e4m3 = fp8_element<fp8_e4m3_codec, fp8_e4m3_code>;

@@ -1,7 +1,8 @@
 // backend::cuda::store_rows: the append kernel. One thread block per (new token, kv-head)
 // converts that row of K and of V to the cache's element type and writes it to its page row;
-// a quantized row is scaled and encoded by one thread, with the CPU's own row quantizer, so
-// both backends store the same codes and scales.
+// a quantized row is scaled and encoded by one thread, with the CPU's own row quantizer, after
+// a thread per candidate scale has weighed its rounding error (dtype/scale_search.hpp, the
+// same sums in the same order as the CPU's), so both backends store the same codes and scales.
 // The page rows travel in the launch's parameters, so an append copies nothing to the device
 // first; included by backend/cuda.hpp when nvcc compiles.
 #pragma once
@@ -11,6 +12,7 @@
 
 #include "../../dtype/concept.hpp"
 #include "../../dtype/float.hpp"
+#include "../../dtype/scale_search.hpp"
 #include "../../shape.hpp"
 #include "launch.cuh"
 
@@ -34,15 +36,30 @@ __global__ void store_rows_kernel(RowTarget<typename DType::storage_type> target
       ((static_cast<std::size_t>(head) * target.page_count + at.page) * target.page_tokens + at.row) * head_dim;
   const std::size_t source = (static_cast<std::size_t>(token) * target.kv_heads + head) * head_dim;
   if constexpr (QuantizedElement<DType>) {
-    if (threadIdx.x != 0) return;
-    float row[ModelShape::max_head_dim];
+    __shared__ float row[ModelShape::max_head_dim];
     const std::span<const float> values(row, head_dim);
     for (int kind = 0; kind < 2; ++kind) {
       const In* input = (kind == 0 ? k : v) + source;
-      for (std::size_t d = 0; d < head_dim; ++d) row[d] = to_float(input[d]);
-      const float scale = DType::row_scale(values);
-      DType::quantize_row(values, scale, (kind == 0 ? target.k_pool : target.v_pool) + stored);
-      (kind == 0 ? target.k_scale_pool : target.v_scale_pool)[stored / head_dim] = scale;
+      for (std::size_t d = threadIdx.x; d < head_dim; d += blockDim.x) row[d] = to_float(input[d]);
+      __syncthreads();
+      float scale = 0.0f;  // thread 0's
+      if constexpr (ScaleSearchingElement<DType>) {
+        static_assert(DType::scale_candidates <= 32, "a candidate per thread of the block's first warp");
+        __shared__ float errors[DType::scale_candidates];
+        const float absmax = detail::finite_absmax(values);  // every thread, the same
+        const bool search = detail::searches_scale<DType>(values, absmax);
+        if (search && threadIdx.x < DType::scale_candidates)
+          errors[threadIdx.x] = detail::candidate_error<DType>(values, 1.0f / absmax, static_cast<int>(threadIdx.x));
+        __syncthreads();
+        if (threadIdx.x == 0) scale = DType::candidate_scale(absmax, search ? detail::least(errors) : 0);
+      } else if (threadIdx.x == 0) {
+        scale = DType::row_scale(values);
+      }
+      if (threadIdx.x == 0) {
+        DType::quantize_row(values, scale, (kind == 0 ? target.k_pool : target.v_pool) + stored);
+        (kind == 0 ? target.k_scale_pool : target.v_scale_pool)[stored / head_dim] = scale;
+      }
+      __syncthreads();  // before the next kind overwrites the row
     }
   } else {
     for (std::size_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
