@@ -33,6 +33,11 @@ std::size_t layer_bytes(const Geometry& g, int tokens, int batch) {
   return static_cast<std::size_t>(batch) * tokens * g.kv_heads * token_bytes<DType>(static_cast<std::size_t>(g.head_dim));
 }
 
+// How a paged sequence's blocks lie in the pool: one after another (a fresh pool), or scattered
+// as in a long-running engine: each sequence reserves 1 to 4 blocks at a time while another
+// takes 0 to 3 between them, and that one is released, leaving holes.
+enum class Blocks { consecutive, scattered };
+
 // The cache of the configuration measured last; building the next one frees it first.
 template <class Layout, class DType>
 struct Fixture {
@@ -40,24 +45,40 @@ struct Fixture {
   std::vector<SeqId> seqs;
   std::string key;
 
-  static Fixture& get(const Geometry& g, int tokens, int batch) {
+  static Fixture& get(const Geometry& g, int tokens, int batch, Blocks blocks = Blocks::consecutive) {
     static Fixture fixture;
-    const std::string key = std::string(g.name) + "/" + std::to_string(tokens) + "/" + std::to_string(batch);
+    const bool scattered = blocks == Blocks::scattered;
+    const std::string key = std::string(g.name) + "/" + std::to_string(tokens) + "/" + std::to_string(batch) +
+                            (scattered ? "/scattered" : "");
     if (fixture.key != key) {
       fixture.cache.reset();
       fixture.seqs.clear();
       const std::size_t per_layer = layer_bytes<DType>(g, tokens, batch);
       const int layers = static_cast<int>(std::max<std::size_t>(1, (working_set + per_layer - 1) / per_layer));
-      fixture.cache = std::make_unique<KVCache<Layout, DType>>(ModelShape{layers, g.q_heads, g.kv_heads, g.head_dim},
-                                                               policy_for<Layout>(tokens, batch));
+      Layout policy = policy_for<Layout>(tokens, batch);
+      if constexpr (std::same_as<Layout, Paged<16>>)
+        if (scattered) policy = {.num_blocks = 2 * policy.num_blocks, .max_sequences = batch + 1};
+      fixture.cache = std::make_unique<KVCache<Layout, DType>>(ModelShape{layers, g.q_heads, g.kv_heads, g.head_dim}, policy);
+      auto& cache = *fixture.cache;
       const auto k = random_values(static_cast<std::size_t>(tokens) * g.kv_heads * g.head_dim, 1);
       const auto v = random_values(k.size(), 2);
+      std::mt19937 rng(5);
+      const SeqId other = scattered ? cache.open() : SeqId{};
       for (int i = 0; i < batch; ++i) {
-        const SeqId seq = fixture.cache->open();
-        fixture.cache->reserve(seq, tokens);
-        for (int layer = 0; layer < layers; ++layer) fixture.cache->append(layer, seq, k, v);
+        const SeqId seq = cache.open();
+        if (scattered) {
+          for (int reserved = 0; reserved < tokens;) {
+            reserved = std::min(tokens, reserved + 16 * std::uniform_int_distribution<int>(1, 4)(rng));
+            cache.reserve(seq, reserved);
+            const int more = cache.reserved(other) + 16 * std::uniform_int_distribution<int>(0, 3)(rng);
+            if (cache.can_reserve(other, more)) cache.reserve(other, more);
+          }
+        }
+        cache.reserve(seq, tokens);
+        for (int layer = 0; layer < layers; ++layer) cache.append(layer, seq, k, v);
         fixture.seqs.push_back(seq);
       }
+      if (scattered) cache.release(other);
       fixture.key = key;
     }
     return fixture;
@@ -65,9 +86,10 @@ struct Fixture {
 };
 
 template <class Layout, class DType>
-void run_decode(benchmark::State& state, const Geometry& g, int tokens, int batch, int threads) {
+void run_decode(benchmark::State& state, const Geometry& g, int tokens, int batch, int threads,
+                Blocks blocks = Blocks::consecutive) {
   const Roofline& ceiling = roofline(threads);
-  auto& fixture = Fixture<Layout, DType>::get(g, tokens, batch);
+  auto& fixture = Fixture<Layout, DType>::get(g, tokens, batch, blocks);
   auto& cache = *fixture.cache;
   const int layers = cache.shape().layers;
   const auto q = random_values(static_cast<std::size_t>(batch) * g.q_heads * g.head_dim, 3);
@@ -92,7 +114,7 @@ void run_decode(benchmark::State& state, const Geometry& g, int tokens, int batc
 }
 
 template <class Layout, class DType>
-void register_decode(const Geometry& g, const char* policy) {
+void register_decode(const Geometry& g, const char* policy, Blocks blocks = Blocks::consecutive) {
   for (int tokens : {1024, 4096, 16384, 32768})
     for (int batch : {1, 8}) {
       if (layer_bytes<DType>(g, tokens, batch) > largest_layer) continue;
@@ -101,7 +123,7 @@ void register_decode(const Geometry& g, const char* policy) {
                                  "/T:" + std::to_string(tokens) + "/batch:" + std::to_string(batch) +
                                  "/threads:" + std::to_string(threads);
         benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& state) {
-          run_decode<Layout, DType>(state, g, tokens, batch, threads);
+          run_decode<Layout, DType>(state, g, tokens, batch, threads, blocks);
         })->Unit(benchmark::kMicrosecond)->UseRealTime();
       }
     }
@@ -125,6 +147,9 @@ void register_policy(const char* policy) {
 const bool registered = [] {
   register_policy<Contiguous>("contiguous");
   register_policy<Paged<16>>("paged16");
+  // Paged with its blocks scattered (Blocks above), to compare with paged16 in the same run.
+  register_decode<Paged<16>, f32>(geometries[0], "paged16_scattered", Blocks::scattered);
+  register_decode<Paged<16>, f16>(geometries[0], "paged16_scattered", Blocks::scattered);
   return true;
 }();
 
