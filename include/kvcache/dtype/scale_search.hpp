@@ -23,7 +23,7 @@
 // README.md and 0.6 us for fp8's 32 candidates, where a portable build's plain loop takes 3.2
 // and 2.4 us. The CUDA append kernel gives each candidate a thread. Every path accumulates each
 // candidate's error in the same order with the same fused multiply-adds, so CPU and GPU store
-// the same codes.
+// the same codes (unless nvcc's --use_fast_math approximates the device's divisions).
 #pragma once
 
 #include <bit>
