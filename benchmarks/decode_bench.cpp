@@ -35,8 +35,9 @@ std::size_t layer_bytes(const Geometry& g, int tokens, int batch) {
 
 // How a paged sequence's blocks lie in the pool: one after another (a fresh pool), or scattered
 // as in a long-running engine: each sequence reserves 1 to 4 blocks at a time while another
-// takes 0 to 3 between them, and that one is released, leaving holes.
-enum class Blocks { consecutive, scattered };
+// takes 0 to 3 between them, and that one is released, leaving holes; or shuffled: the whole
+// pool is taken a block per sequence and released in random order, so blocks come in any order.
+enum class Blocks { consecutive, scattered, shuffled };
 
 // The cache of the configuration measured last; building the next one frees it first.
 template <class Layout, class DType>
@@ -49,20 +50,30 @@ struct Fixture {
     static Fixture fixture;
     const bool scattered = blocks == Blocks::scattered;
     const std::string key = std::string(g.name) + "/" + std::to_string(tokens) + "/" + std::to_string(batch) +
-                            (scattered ? "/scattered" : "");
+                            "/" + std::to_string(static_cast<int>(blocks));
     if (fixture.key != key) {
       fixture.cache.reset();
       fixture.seqs.clear();
       const std::size_t per_layer = layer_bytes<DType>(g, tokens, batch);
       const int layers = static_cast<int>(std::max<std::size_t>(1, (working_set + per_layer - 1) / per_layer));
       Layout policy = policy_for<Layout>(tokens, batch);
-      if constexpr (std::same_as<Layout, Paged<16>>)
+      if constexpr (std::same_as<Layout, Paged<16>>) {
         if (scattered) policy = {.num_blocks = 2 * policy.num_blocks, .max_sequences = batch + 1};
+        if (blocks == Blocks::shuffled) policy = {.num_blocks = policy.num_blocks, .max_sequences = policy.num_blocks + 1, .max_tokens = tokens};
+      }
       fixture.cache = std::make_unique<KVCache<Layout, DType>>(ModelShape{layers, g.q_heads, g.kv_heads, g.head_dim}, policy);
       auto& cache = *fixture.cache;
       const auto k = random_values(static_cast<std::size_t>(tokens) * g.kv_heads * g.head_dim, 1);
       const auto v = random_values(k.size(), 2);
       std::mt19937 rng(5);
+      if (blocks == Blocks::shuffled) {
+        if constexpr (std::same_as<Layout, Paged<16>>) {
+          std::vector<SeqId> ones;
+          for (int b = 0; b < policy.num_blocks; ++b) ones.push_back(cache.open()), cache.reserve(ones.back(), 16);
+          std::shuffle(ones.begin(), ones.end(), rng);
+          for (SeqId one : ones) cache.release(one);
+        }
+      }
       const SeqId other = scattered ? cache.open() : SeqId{};
       for (int i = 0; i < batch; ++i) {
         const SeqId seq = cache.open();
@@ -147,9 +158,11 @@ void register_policy(const char* policy) {
 const bool registered = [] {
   register_policy<Contiguous>("contiguous");
   register_policy<Paged<16>>("paged16");
-  // Paged with its blocks scattered (Blocks above), to compare with paged16 in the same run.
+  // Paged with its blocks scattered or shuffled (Blocks above), to compare with paged16 in one run.
   register_decode<Paged<16>, f32>(geometries[0], "paged16_scattered", Blocks::scattered);
   register_decode<Paged<16>, f16>(geometries[0], "paged16_scattered", Blocks::scattered);
+  register_decode<Paged<16>, f32>(geometries[0], "paged16_shuffled", Blocks::shuffled);
+  register_decode<Paged<16>, f16>(geometries[0], "paged16_shuffled", Blocks::shuffled);
   return true;
 }();
 
