@@ -104,19 +104,17 @@ int dispatch_heads(int heads, F&& f) {
   return f(std::integral_constant<int, 1>{}), 1;
 }
 
+// The cache level a prefetch asks a line into.
+enum class Into { l1, l2 };
+
 // Asks for the cache line holding `address` (nothing where the target has no prefetch hint).
+template <Into level = Into::l1>
 inline void prefetch_line(const void* address) {
 #if defined(__SSE__)
-  _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
-#else
-  (void)address;
-#endif
-}
-
-// Asks for the cache line holding `address` into L2 only.
-inline void prefetch_line_to_l2(const void* address) {
-#if defined(__SSE__)
-  _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T1);
+  if constexpr (level == Into::l1)
+    _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+  else
+    _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T1);
 #else
   (void)address;
 #endif
@@ -987,8 +985,8 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
     // blocks 1.04-1.08x; asking two blocks ahead instead made consecutive blocks 1.15x slower.
     if (i >= view.direct_count && following.first != nullptr)
       for (int line = 0; line < 2; ++line) {
-        prefetch_line_to_l2(reinterpret_cast<const char*>(following.first) + 64 * line);
-        prefetch_line_to_l2(reinterpret_cast<const char*>(following.second) + 64 * line);
+        prefetch_line<Into::l2>(reinterpret_cast<const char*>(following.first) + 64 * line);
+        prefetch_line<Into::l2>(reinterpret_cast<const char*>(following.second) + 64 * line);
       }
     const int first = segment.first_position;
     const int last = first + segment.count;  // exclusive
