@@ -1,6 +1,6 @@
 // The CPU kernels' SIMD conversions (detail/simd.hpp) against the scalar definitions: every
 // code of every stored type decodes to the same float, and the integer multiply-add helpers
-// (VNNI builds) give the words, orders and exact sums the kernels assume. Built for whatever
+// (VNNI and AVX2 builds) give the words, orders and exact sums the kernels assume. Built for whatever
 // instruction set the tests are compiled for (AVX-512, AVX2, or none: then nothing to check).
 #include <kvcache/detail/simd.hpp>
 #include <kvcache/dtype/float.hpp>
@@ -127,7 +127,26 @@ TEST(Simd, FirstOrKeepsTheFirstLanes) {
 }
 
 #if defined(KVCACHE_SIMD_INTEGER_DOT)
+// The partial loads and stores of the last rows of a tile: lanes past `count` read as 0 and
+// leave memory untouched.
+TEST(SimdIntegerDot, PartialLoadsAndStoresTouchOnlyTheirLanes) {
+  std::vector<float> values(width);
+  for (int i = 0; i < width; ++i) values[i] = -2.5f + static_cast<float>(i);
+  for (int count = 1; count <= width; ++count) {
+    const std::vector<float> got = lanes(simd::load_first(values.data(), count));
+    std::vector<float> stored(width + 1, 7.0f);
+    simd::store_first(stored.data(), simd::load(values.data()), count);
+    for (int i = 0; i < width; ++i) {
+      EXPECT_EQ(got[i], i < count ? values[i] : 0.0f) << "count " << count << ", lane " << i;
+      EXPECT_EQ(stored[i], i < count ? values[i] : 7.0f) << "count " << count << ", lane " << i;
+    }
+    EXPECT_EQ(stored[width], 7.0f);
+    EXPECT_EQ(lanes(simd::abs(simd::load(values.data())))[0], 2.5f);
+  }
+}
+
 constexpr int word_width = simd::word_width;
+constexpr int pair_vectors = simd::pair_vectors;
 
 std::vector<std::int16_t> word_lanes(simd::words v) {
   std::vector<std::int16_t> out(word_width);
@@ -144,17 +163,17 @@ TEST(SimdIntegerDot, CodesWidenToWordsInTheDocumentedOrder) {
   }
 }
 
-// An int4 key group's block of 8 channels of 16 tokens comes out as word pairs (channel 2i,
+// An int4 key group's block of 8 channels of `width` tokens comes out as word pairs (channel 2i,
 // 2i + 1) per token, pairs 1 and 3 times 16, as score_key_group_integer dots them.
 TEST(SimdIntegerDot, KeyGroupCodesComeOutAsChannelPairs) {
   std::vector<int4x2> group(int4_group_tokens * 8 / 2);  // one block of 8 channels
   for (std::size_t byte = 0; byte < group.size(); ++byte) group[byte].bits = static_cast<std::uint8_t>(byte * 37 + 11);
-  for (int first = 0; first < int4_group_tokens; first += 16) {
+  for (int first = 0; first < int4_group_tokens; first += width) {
     simd::words pairs[4];
     simd::load_key_pairs(group.data() + first * 4, pairs);
     for (int i = 0; i < 4; ++i) {
       const auto words = word_lanes(pairs[i]);
-      for (int token = 0; token < 16; ++token)
+      for (int token = 0; token < width; ++token)
         for (int odd = 0; odd < 2; ++odd)
           EXPECT_EQ(words[2 * token + odd], int4_key_code_at(group.data(), first + token, 2 * i + odd) * (i % 2 == 1 ? 16 : 1))
               << "token " << first + token << ", channel " << 2 * i + odd;
@@ -180,21 +199,21 @@ TEST(SimdIntegerDot, RoundsToWords) {
 
 // The kernels' largest sums: 256 elements of extreme words times extreme int8 codes (rows 0
 // and 1), and random ones, summed exactly in 32-bit lanes by the multiply-adds and the
-// transposing reduction of 16 rows, then rounded to float once.
+// transposing reduction of `width` rows, then rounded to float once.
 TEST(SimdIntegerDot, MultiplyAddsSumExactly) {
   std::mt19937 rng(4);
   std::uniform_int_distribution<int> code(-127, 127), sign(0, 1);
   std::vector<std::int16_t> q(256);
-  std::vector<std::int8_t> k(16 * 256);
+  std::vector<std::int8_t> k(width * 256);
   for (auto& x : k) x = static_cast<std::int8_t>(code(rng));
   for (int d = 0; d < 256; ++d) {
     q[d] = static_cast<std::int16_t>(sign(rng) ? 32767 : -32767);
     k[d] = static_cast<std::int8_t>(q[d] > 0 ? 127 : -127);
     k[256 + d] = static_cast<std::int8_t>(-k[d]);
   }
-  simd::ints rows[16];
-  std::vector<std::int64_t> expected(16, 0);
-  for (int r = 0; r < 16; ++r) {
+  simd::ints rows[width];
+  std::vector<std::int64_t> expected(width, 0);
+  for (int r = 0; r < width; ++r) {
     rows[r] = simd::zero_ints();
     for (int j = 0; j < 256; j += word_width)
       rows[r] = simd::dot_add(rows[r], simd::load_words(q.data() + j), simd::load_words(k.data() + r * 256 + j));
@@ -202,11 +221,12 @@ TEST(SimdIntegerDot, MultiplyAddsSumExactly) {
   }
   ASSERT_EQ(expected[0], 256 * 32767 * 127);
   const std::vector<float> sums = lanes(simd::sum_each_to_float(rows));
-  for (int r = 0; r < 16; ++r) EXPECT_EQ(sums[r], static_cast<float>(expected[r])) << "row " << r;
+  for (int r = 0; r < width; ++r) EXPECT_EQ(sums[r], static_cast<float>(expected[r])) << "row " << r;
 }
 
 // Value accumulation: word pairs of two rows dotted with a pair of weights, back in element
-// order, equal weight_a * code_a + weight_b * code_b for each of 64 elements, extremes included.
+// order, equal weight_a * code_a + weight_b * code_b for each element (64 with AVX-512, 16 with
+// AVX2), extremes included.
 template <class Code>
 void expect_pair_sums_in_element_order(const std::vector<Code>& a, const std::vector<Code>& b,
                                        std::int16_t weight_a, std::int16_t weight_b) {
@@ -216,14 +236,14 @@ void expect_pair_sums_in_element_order(const std::vector<Code>& a, const std::ve
     else
       return static_cast<std::int64_t>(row[d]);
   };
-  simd::words pairs[4];
+  simd::words pairs[pair_vectors];
   simd::load_word_pairs(a.data(), b.data(), pairs);
   const std::int16_t weights[2] = {weight_a, weight_b};
-  simd::ints sums[4];
-  for (int i = 0; i < 4; ++i) sums[i] = simd::dot_add(simd::zero_ints(), pairs[i], simd::broadcast_pair(weights));
-  simd::floats in_order[4];
+  simd::ints sums[pair_vectors];
+  for (int i = 0; i < pair_vectors; ++i) sums[i] = simd::dot_add(simd::zero_ints(), pairs[i], simd::broadcast_pair(weights));
+  simd::floats in_order[pair_vectors];
   simd::pair_sums_in_order<Code>(sums, in_order);
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < pair_vectors; ++i) {
     const std::vector<float> got = lanes(in_order[i]);
     for (int lane = 0; lane < width; ++lane) {
       const int d = i * width + lane;

@@ -9,13 +9,13 @@
 // partial dot products are summed by one transposing reduction (int4 key groups, stored a block
 // of channels at a time, are dotted a token per SIMD lane and need none). Scores are folded into an
 // online softmax (fp32 state) a tile of about 2 KiB of K at a time, then each V row is read
-// once and accumulated for every head with the accumulators in registers. With AVX-512 VNNI,
-// int8 and int4 codes are instead widened to 16-bit integers: K rows are dotted with queries
-// rounded to 16-bit integers, V rows two at a time with softmax weights rounded likewise
-// (uses_integer_dot_products), 32 multiply-adds per instruction. The next tile's rows are
-// prefetched one row per row computed (shared out among the passes over a tile of more than 4
-// heads), and its scales with them. Work is split over (sequence,
-// kv-head) and over token ranges of long sequences (fixed by the sequence, so results are
+// once and accumulated for every head with the accumulators in registers. With AVX-512 VNNI or
+// AVX2, int8 and int4 codes are instead widened to 16-bit integers: K rows are dotted with
+// queries rounded to 16-bit integers, V rows two at a time with softmax weights rounded likewise
+// (uses_integer_dot_products), 32 multiply-adds per instruction (VNNI; AVX2: 16 per two). The
+// next tile's rows are prefetched one row per row computed (shared out among the passes over a
+// tile of more than 4 heads), and its scales with them. Work is split over (sequence, kv-head)
+// and over token ranges of long sequences (fixed by the sequence, so results are
 // batch-invariant), whose partial softmax states are merged in order.
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
 // visible to all of its queries and read once for all of them. Passes of more than 4 rows
@@ -465,35 +465,40 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
 // scores[h][column + r] = q_h . k_(first + r) + bias[h] for `count` tokens of an int4 key group
 // (int4_key_code_at) from token `first`, q already times the group's channel scales (the
 // bias: q . its channel minima) and rounded to words per head (unit[h]: one step), in channel
-// order. The group is dotted a token per 32-bit lane (simd::load_key_pairs), all 32 tokens in
-// registers, 16 word pairs per instruction, exactly in 32-bit lanes (the pairs times 16 sum at
-// most 128 products of 240 * 32767 for head_dim 256: about 1.0e9 < 2^31); no reduction across
-// lanes. 12.8 instead of 22.3 cycles per row for 4 heads in L1, where rows of codes were dotted
-// one at a time and reduced.
+// order. The group is dotted a token per 32-bit lane (simd::load_key_pairs), exactly in 32-bit
+// lanes (the pairs times 16 sum at most 128 products of 240 * 32767 for head_dim 256: about
+// 1.0e9 < 2^31); no reduction across lanes. With VNNI, 12.8 instead of 22.3 cycles per row for 4
+// heads in L1, where rows of codes were dotted one at a time and reduced.
 template <int HeadDim, int Heads>
 void score_key_group_integer(const int4x2* group, int first, int count, const std::int16_t* q, const float* unit,
                              const float* bias, float (*scores)[tile_rows], int column, RowsAhead<int4x2> ahead) {
-  constexpr int width = simd::width, halves = int4_group_tokens / width, blocks = HeadDim / 8;
-  static_assert(halves == 2);
-  simd::ints sums[halves][Heads][2];  // [1]: the pairs whose codes are times 16
-  for (int t = 0; t < halves; ++t)
-    for (int h = 0; h < Heads; ++h) sums[t][h][0] = sums[t][h][1] = simd::zero_ints();
-  for (int c = 0; c < blocks; ++c) {
-    for (int r = c * count / blocks; r < (c + 1) * count / blocks; ++r) ahead.template ask<HeadDim>(r);
-    simd::words codes[halves][4];
-    for (int t = 0; t < halves; ++t) simd::load_key_pairs(group + (c * int4_group_tokens + t * width) * 4, codes[t]);
-    for (int i = 0; i < 4; ++i)
-      for (int h = 0; h < Heads; ++h) {
-        const simd::words pair = simd::broadcast_pair(q + h * HeadDim + 8 * c + 2 * i);
-        for (int t = 0; t < halves; ++t) sums[t][h][i % 2] = simd::dot_add(sums[t][h][i % 2], codes[t][i], pair);
-      }
-  }
+  constexpr int width = simd::width, vectors = int4_group_tokens / width, blocks = HeadDim / 8;
+  // Token vectors summed in one pass over the group: both (32 registers of AVX-512 hold their
+  // 16 accumulators); one at a time with AVX2's 16 registers.
+  constexpr int together = width == 16 ? 2 : 1;
   alignas(64) float group_scores[Heads][int4_group_tokens];
-  for (int t = 0; t < halves; ++t)
-    for (int h = 0; h < Heads; ++h)
-      simd::store(group_scores[h] + t * width,
-                  simd::fma(simd::to_float(simd::add(sums[t][h][0], simd::shift_right(sums[t][h][1], 4))),
-                            simd::broadcast(unit[h]), simd::broadcast(bias[h])));
+  for (int t0 = 0; t0 < vectors; t0 += together) {
+    simd::ints sums[together][Heads][2];  // [1]: the pairs whose codes are times 16
+    for (int t = 0; t < together; ++t)
+      for (int h = 0; h < Heads; ++h) sums[t][h][0] = sums[t][h][1] = simd::zero_ints();
+    for (int c = 0; c < blocks; ++c) {
+      if (t0 == 0)
+        for (int r = c * count / blocks; r < (c + 1) * count / blocks; ++r) ahead.template ask<HeadDim>(r);
+      simd::words codes[together][4];
+      for (int t = 0; t < together; ++t)
+        simd::load_key_pairs(group + (c * int4_group_tokens + (t0 + t) * width) * 4, codes[t]);
+      for (int i = 0; i < 4; ++i)
+        for (int h = 0; h < Heads; ++h) {
+          const simd::words pair = simd::broadcast_pair(q + h * HeadDim + 8 * c + 2 * i);
+          for (int t = 0; t < together; ++t) sums[t][h][i % 2] = simd::dot_add(sums[t][h][i % 2], codes[t][i], pair);
+        }
+    }
+    for (int t = 0; t < together; ++t)
+      for (int h = 0; h < Heads; ++h)
+        simd::store(group_scores[h] + (t0 + t) * width,
+                    simd::fma(simd::to_float(simd::add(sums[t][h][0], simd::shift_right(sums[t][h][1], 4))),
+                              simd::broadcast(unit[h]), simd::broadcast(bias[h])));
+  }
   for (int h = 0; h < Heads; ++h) std::copy_n(group_scores[h] + first, count, scores[h] + column);
 }
 
@@ -506,8 +511,9 @@ void score_key_group_integer(const int4x2* group, int first, int count, const st
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
                              RowsAhead<Storage> ahead) {
-  constexpr int units = elements_per_unit<Storage>, block = 64;  // elements per load_word_pairs
-  static_assert(simd::width == 16 && HeadDim % block == 0);
+  constexpr int pairs = simd::pair_vectors, block = pairs * simd::width;  // elements per load_word_pairs
+  constexpr int units = elements_per_unit<Storage>;
+  static_assert(HeadDim % block == 0);
   alignas(64) std::int16_t weight[Heads][tile_rows];  // a weight of 0 past `rows`
   float unit[Heads];
   constexpr int width = simd::width, vectors = tile_rows / width;
@@ -526,9 +532,9 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
     unit[h] = largest / 32767.0f;
   }
   for (int j = 0; j < HeadDim; j += block) {
-    simd::ints sums[Heads][4];
+    simd::ints sums[Heads][pairs];
     for (int h = 0; h < Heads; ++h)
-      for (int i = 0; i < 4; ++i) sums[h][i] = simd::zero_ints();
+      for (int i = 0; i < pairs; ++i) sums[h][i] = simd::zero_ints();
     for (int r = 0; r < rows; r += 2) {
       const Storage* a = v + (r * HeadDim + j) / units;
       const Storage* b = r + 1 < rows ? a + HeadDim / units : a;  // an odd last row pairs with itself, weight 0
@@ -536,18 +542,18 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
         ahead.template ask<HeadDim>(r);
         if (r + 1 < rows) ahead.template ask<HeadDim>(r + 1);
       }
-      simd::words codes[4];
+      simd::words codes[pairs];
       simd::load_word_pairs(a, b, codes);
       for (int h = 0; h < Heads; ++h) {
         const simd::words pair = simd::broadcast_pair(weight[h] + r);
-        for (int i = 0; i < 4; ++i) sums[h][i] = simd::dot_add(sums[h][i], codes[i], pair);
+        for (int i = 0; i < pairs; ++i) sums[h][i] = simd::dot_add(sums[h][i], codes[i], pair);
       }
     }
     for (int h = 0; h < Heads; ++h) {
-      simd::floats in_order[4];
+      simd::floats in_order[pairs];
       simd::pair_sums_in_order<Storage>(sums[h], in_order);
       const simd::floats scale = simd::broadcast(unit[h]);
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < pairs; ++i) {
         float* at = acc + h * HeadDim + j + i * simd::width;
         simd::store(at, simd::fma(in_order[i], scale, simd::load(at)));
       }
@@ -596,7 +602,7 @@ void round_group_queries(const float* q, int heads, const float* params, float* 
 void round_queries(const float* q, int heads, int head_dim, std::int16_t* words, float* unit);
 #endif
 
-// Codes scored and accumulated with integer multiply-adds (AVX-512 VNNI) against queries and
+// Codes scored and accumulated with integer multiply-adds (AVX-512 VNNI, AVX2) against queries and
 // weights rounded to 16-bit integers: int8 and int4 (uses_integer_dot_products below says what
 // the rounding costs).
 template <class Storage>
@@ -1153,7 +1159,7 @@ inline void add_tasks(std::vector<Task>& tasks, int view, int kv_heads, int grou
 }  // namespace detail
 
 // Whether the kernels use integer multiply-adds for codes stored as Storage at this head_dim
-// (int8 and int4 with AVX-512 VNNI, at the fast head sizes): keys are dotted with queries
+// (int8 and int4 with AVX-512 VNNI or AVX2, at the fast head sizes): keys are dotted with queries
 // rounded to 16-bit integers per head, and values weighted by softmax weights rounded to 16-bit
 // integers per head and tile. Their results then differ from exact attention on the stored
 // values by that rounding too: a score moves by at most max|q_h| / 65534 times the sum of |key

@@ -1,6 +1,6 @@
 // The few SIMD operations the CPU kernels need, for AVX-512 and AVX2 (+FMA, F16C), with
 // f16, bf16, int8, fp8 and int4 codes converted to fp32 in registers as they are loaded, and,
-// with AVX-512 VNNI, int8 and int4 codes widened to 16-bit words for integer dot products.
+// with AVX-512 VNNI or AVX2, int8 and int4 codes widened to 16-bit words for integer dot products.
 // Without either instruction set `simd::width` is 0 and the kernels take their portable Eigen path.
 #pragma once
 
@@ -163,6 +163,7 @@ inline void transpose(floats (&rows)[16]) {
 // widen to words in one instruction where fp32 takes two or more.
 #define KVCACHE_SIMD_INTEGER_DOT 1
 inline constexpr int word_width = 32;  // 16-bit words per register
+inline constexpr int pair_vectors = 4;  // vectors of word pairs per load_word_pairs: 64 elements
 using words = __m512i;
 using ints = __m512i;  // 16 int32 lanes
 
@@ -183,7 +184,7 @@ inline void load_key_pairs(const int4x2* p, words (&out)[4]) {
   out[2] = _mm512_and_si512(y, low);
   out[3] = _mm512_and_si512(y, high);
 }
-// Codes of 64 elements of two rows, `a` and `b`, as four vectors of word pairs: each 32-bit lane
+// Codes of 64 elements of two rows, `a` and `b`, as pair_vectors vectors of word pairs: each 32-bit lane
 // holds one element's code in a (low word) and in b (high word), to be dotted with a pair of
 // row weights (dot_add, broadcast_pair): two rows' multiply-adds in one. The lanes come in the
 // order of the in-lane byte unpacks; pair_sums_in_order puts their sums back in element order.
@@ -351,6 +352,113 @@ inline floats sum_each(const floats* v) {
   const floats pairs2 = _mm256_hadd_ps(v[4], v[5]), pairs3 = _mm256_hadd_ps(v[6], v[7]);
   const floats low = _mm256_hadd_ps(pairs0, pairs1), high = _mm256_hadd_ps(pairs2, pairs3);
   return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+}
+inline floats abs(floats v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+// A mask of lanes [0, count), count <= 8.
+inline __m256i first_lanes(int count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline floats load_first(const float* p, int count) {  // p[0, count), zeros after
+  return count == width ? load(p) : _mm256_maskload_ps(p, first_lanes(count));
+}
+inline void store_first(float* p, floats v, int count) {  // lanes [0, count) to p
+  if (count == width) return store(p, v);
+  _mm256_maskstore_ps(p, first_lanes(count), v);
+}
+
+// Integer dot products for integer codes, as with VNNI above but in two instructions: 16-bit
+// words multiplied in adjacent pairs and summed into 32-bit lanes (vpmaddwd), then added. That
+// is no more multiply-adds per instruction than fp32 FMAs, but codes widen to words in one
+// instruction per 16 where fp32 takes two per 8, and the products leave the FMA ports free.
+#define KVCACHE_SIMD_INTEGER_DOT 1
+inline constexpr int word_width = 16;  // 16-bit words per register
+inline constexpr int pair_vectors = 2;  // vectors of word pairs per load_word_pairs: 16 elements
+using words = __m256i;
+using ints = __m256i;  // 8 int32 lanes
+
+inline words load_words(const std::int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline words load_words(const std::int8_t* p) {  // 16 int8 codes as words, in order
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// As the AVX-512 load_key_pairs, for 8 tokens (32 bytes).
+inline void load_key_pairs(const int4x2* p, words (&out)[4]) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), y = _mm256_srli_epi32(x, 8);
+  const __m256i low = _mm256_set1_epi32(0x000F000F), high = _mm256_set1_epi32(0x00F000F0);
+  out[0] = _mm256_and_si256(x, low);
+  out[1] = _mm256_and_si256(x, high);
+  out[2] = _mm256_and_si256(y, low);
+  out[3] = _mm256_and_si256(y, high);
+}
+// Codes of 16 elements of two rows, `a` and `b`, as two vectors of word pairs (element's code in
+// a: low word, in b: high word), for two rows' multiply-adds in one (as the AVX-512 version).
+inline void load_word_pairs(const std::int8_t* a, const std::int8_t* b, words (&out)[2]) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  out[0] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(x, y));  // elements 0-7, in order
+  out[1] = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(x, y));  // 8-15
+}
+inline void load_word_pairs(const int4x2* a, const int4x2* b, words (&out)[2]) {
+  const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a));
+  const __m128i y = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b));
+  const __m256i pairs = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(x, y));  // bytes 0-7 of each
+  out[0] = _mm256_and_si256(pairs, _mm256_set1_epi16(0x0F));  // elements 0, 2, ..., 14
+  out[1] = _mm256_srli_epi16(pairs, 4);                       // 1, 3, ..., 15 (a word's high byte is 0)
+}
+// The int32 sums of the lanes of load_word_pairs(Storage) as floats, elements 0-15 in order.
+template <class Storage>
+inline void pair_sums_in_order(const ints (&sums)[2], floats (&out)[2]) {
+  const floats first = _mm256_cvtepi32_ps(sums[0]), second = _mm256_cvtepi32_ps(sums[1]);
+  if constexpr (std::same_as<Storage, std::int8_t>) {
+    out[0] = first, out[1] = second;
+  } else {  // even and odd elements interleaved
+    const floats low = _mm256_unpacklo_ps(first, second);    // elements 0-3, 8-11
+    const floats high = _mm256_unpackhi_ps(first, second);  // 4-7, 12-15
+    out[0] = _mm256_permute2f128_ps(low, high, 0x20);
+    out[1] = _mm256_permute2f128_ps(low, high, 0x31);
+  }
+}
+// Words p[0], p[1] as the pair in every 32-bit lane.
+inline words broadcast_pair(const std::int16_t* p) {
+  std::int32_t pair;
+  std::memcpy(&pair, p, sizeof pair);
+  return _mm256_set1_epi32(pair);
+}
+// The 8 lanes of v rounded to words (ties to even, saturating) at out.
+inline void store_words(std::int16_t* out, floats v) {
+  const __m256i rounded = _mm256_cvtps_epi32(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packs_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
+}
+inline ints zero_ints() { return _mm256_setzero_si256(); }
+inline ints add(ints a, ints b) { return _mm256_add_epi32(a, b); }
+inline ints shift_right(ints a, int bits) { return _mm256_srai_epi32(a, bits); }  // arithmetic
+inline floats to_float(ints a) { return _mm256_cvtepi32_ps(a); }
+inline ints dot_add(ints sums, words a, words b) {
+#if defined(__GNUC__) && !defined(__clang__)
+  // As with VNNI's intrinsic, GCC 12 copies the accumulators around the intrinsics' pair (and
+  // spills one of 8): int8 decode in L2 took 1.2x as long.
+  words products;
+  asm("vpmaddwd %2, %3, %1\n\tvpaddd %1, %0, %0" : "+v"(sums), "=&v"(products) : "vm"(a), "v"(b));
+  return sums;
+#else
+  return _mm256_add_epi32(sums, _mm256_madd_epi16(a, b));
+#endif
+}
+
+// Lane r of the result is the sum of the int32 lanes of v[r], for width vectors, as a float.
+inline floats sum_each_to_float(const ints* v) {
+  const __m256i pairs0 = _mm256_hadd_epi32(v[0], v[1]), pairs1 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i pairs2 = _mm256_hadd_epi32(v[4], v[5]), pairs3 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i low = _mm256_hadd_epi32(pairs0, pairs1), high = _mm256_hadd_epi32(pairs2, pairs3);
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20),
+                                             _mm256_permute2x128_si256(low, high, 0x31)));
+}
+
+// Rounds `count` floats times `factor` to words at `out` (ties to even, saturating; count a
+// multiple of 8).
+inline void round_to_words(const float* in, int count, float factor, std::int16_t* out) {
+  const floats times = _mm256_set1_ps(factor);
+  for (int at = 0; at < count; at += 8) store_words(out + at, _mm256_mul_ps(_mm256_loadu_ps(in + at), times));
 }
 
 #else
