@@ -184,7 +184,7 @@ inline void load_key_pairs(const int4x2* p, words (&out)[4]) {
   out[2] = _mm512_and_si512(y, low);
   out[3] = _mm512_and_si512(y, high);
 }
-// Codes of 64 elements of two rows, `a` and `b`, as pair_vectors vectors of word pairs: each 32-bit lane
+// Codes of 64 elements of two rows, `a` and `b`, as four vectors of word pairs: each 32-bit lane
 // holds one element's code in a (low word) and in b (high word), to be dotted with a pair of
 // row weights (dot_add, broadcast_pair): two rows' multiply-adds in one. The lanes come in the
 // order of the in-lane byte unpacks; pair_sums_in_order puts their sums back in element order.
