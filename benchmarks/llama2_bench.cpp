@@ -17,7 +17,7 @@ void BM_llama2_generate(benchmark::State& state, const char* policy) {
   options.temperature = 0.0f;
   options.stop_on_bos = false;
   int generated = 0;
-  llama2::with_cache({.policy = policy}, checkpoint.config(), 1, options, [&](auto& cache, const auto& run_options) {
+  llama2::with_cache<llama2::DTypeList<kvcache::f32>>({.policy = policy}, checkpoint.config(), 1, options, [&](auto& cache, const auto& run_options) {
     llama2::Generator generator(model, tokenizer, cache, run_options);
     for (auto _ : state) {
       const auto results = generator.run({""});

@@ -5,7 +5,9 @@
 #include <kvcache/kvcache.hpp>
 
 #include <concepts>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "generator.hpp"
 
@@ -25,41 +27,47 @@ struct CacheChoice {
 // slack + 1 tokens and attention never needs a position the ring has reused.
 inline constexpr int window_slack = 15;
 
-// Calls run(cache, options) with a cache of the chosen type. Throws kvcache::Error for a
-// choice that names no known policy, dtype or block size.
-template <class Run>
+// The element types with_cache compiles a cache for: each costs one KVCache instantiation per
+// policy, so a caller that needs only some of them (a test, a benchmark) names just those.
+template <class... Types>
+struct DTypeList {};
+using AllDTypes = DTypeList<kvcache::f32, kvcache::f16, kvcache::bf16, kvcache::int8, kvcache::fp8_e4m3, kvcache::fp8_e5m2,
+                            kvcache::int8_hadamard, kvcache::fp8_e4m3_hadamard, kvcache::int4, kvcache::int8_residual,
+                            kvcache::fp8_e4m3_residual>;
+
+// int4 and the residual types quantize 32 tokens at a time: they are compiled only for the
+// policies whose pages hold whole groups of 32.
+template <class Layout, class DType>
+inline constexpr bool compiled_for = kvcache::residual_tokens<DType> == 0 || std::same_as<Layout, kvcache::Contiguous> ||
+                                     std::same_as<Layout, kvcache::Paged<32>>;
+
+// Calls run(cache, options) with a cache of the chosen type, one of DTypes. Throws
+// kvcache::Error for a choice that names no known policy, block size or compiled dtype.
+template <class DTypes = AllDTypes, class Run>
 auto with_cache(const CacheChoice& choice, const Config& config, int sequences,
                 GenerationOptions options, Run&& run) {
   using namespace kvcache;
   const ModelShape shape = config.kv_shape();
   auto with_dtype = [&](auto make_policy) {
-    auto go = [&](auto dtype) {
-      using Layout = decltype(make_policy());
-      KVCache<Layout, decltype(dtype)> cache(shape, make_policy());
-      return run(cache, options);
-    };
-    if (choice.dtype == "f32") return go(f32{});
-    if (choice.dtype == "f16") return go(f16{});
-    if (choice.dtype == "bf16") return go(bf16{});
-    if (choice.dtype == "int8") return go(int8{});
-    if (choice.dtype == "fp8_e4m3") return go(fp8_e4m3{});
-    if (choice.dtype == "fp8_e5m2") return go(fp8_e5m2{});
-    if (choice.dtype == "int8_hadamard") return go(int8_hadamard{});
-    if (choice.dtype == "fp8_e4m3_hadamard") return go(fp8_e4m3_hadamard{});
-    if (choice.dtype == "int4" || choice.dtype == "int8_residual" || choice.dtype == "fp8_e4m3_residual") {
-      // Only the policies whose pages hold whole 32-token groups are compiled for these.
-      using Layout = decltype(make_policy());
-      if constexpr (std::same_as<Layout, Contiguous> || std::same_as<Layout, Paged<32>>) {
-        if (choice.dtype == "int4") return go(int4{});
-        if (choice.dtype == "int8_residual") return go(int8_residual{});
-        return go(fp8_e4m3_residual{});
-      }
-      detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype, " quantizes 32 tokens at a time: use --cache ",
-                   "contiguous, or --cache paged --block 32");
-    }
-    detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype,
-                 ": use f32, f16, bf16, int8, fp8_e4m3, fp8_e5m2, int8_hadamard, fp8_e4m3_hadamard, int4, int8_residual or ",
-                 "fp8_e4m3_residual");
+    using Layout = decltype(make_policy());
+    return [&]<class First, class... Rest>(DTypeList<First, Rest...>) {
+      std::optional<decltype(run(std::declval<KVCache<Contiguous, First>&>(), options))> result;
+      auto run_if_chosen = [&]<class DType>(DType) {
+        if (choice.dtype != DType::name) return false;
+        if constexpr (compiled_for<Layout, DType>) {
+          KVCache<Layout, DType> cache(shape, make_policy());
+          result.emplace(run(cache, options));
+          return true;
+        } else {
+          detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype, " quantizes 32 tokens at a time: use ",
+                       "--cache contiguous, or --cache paged --block 32");
+        }
+      };
+      if (run_if_chosen(First{}) || (run_if_chosen(Rest{}) || ...)) return std::move(*result);
+      std::string names{First::name};
+      ((names += ", ", names += Rest::name), ...);
+      detail::fail(errc::invalid_configuration, "--dtype ", choice.dtype, ": use ", names);
+    }(DTypes{});
   };
   auto paged = [&](auto block_constant) {
     constexpr int block = decltype(block_constant)::value;

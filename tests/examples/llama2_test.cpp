@@ -31,6 +31,9 @@ Model& model() {
   return shared;
 }
 
+// The caches these tests run: compiling all of the engine's dtypes would triple the build.
+using TestedDTypes = DTypeList<kvcache::f32, kvcache::f16, kvcache::bf16>;
+
 struct Outcome {
   std::vector<Generation> results;
   GenerationStats stats;
@@ -38,7 +41,7 @@ struct Outcome {
 
 Outcome generate(const CacheChoice& choice, const std::vector<std::string>& prompts, GenerationOptions options) {
   Model& m = model();
-  return with_cache(choice, m.checkpoint.config(), options.max_batch, options, [&](auto& cache, const auto& run_options) {
+  return with_cache<TestedDTypes>(choice, m.checkpoint.config(), options.max_batch, options, [&](auto& cache, const auto& run_options) {
     Generator generator(m.transformer, m.tokenizer, cache, run_options);
     Outcome run;
     run.results = generator.run(prompts);
@@ -54,33 +57,38 @@ GenerationOptions greedy(int steps) {
   return options;
 }
 
-TEST(Llama2, ReproducesEveryReferenceCaseWithEveryCache) {
+// One test per cache, so that ctest runs them side by side.
+class Llama2Reproduces : public ::testing::TestWithParam<CacheChoice> {};
+
+TEST_P(Llama2Reproduces, EveryReferenceCase) {
+  const CacheChoice& choice = GetParam();
   const auto cases = reference_cases();
   ASSERT_EQ(cases.size(), 32u);
-  const CacheChoice choices[] = {{.policy = "contiguous"}, {.policy = "paged", .block = 16},
-                                 {.policy = "window", .window = 512}, {.policy = "none"}};
-  for (const CacheChoice& choice : choices) {
-    for (const Json& reference : cases) {
+  for (const Json& reference : cases) {
 #if defined(__SANITIZE_ADDRESS__)
-      // Recomputing every prefix is cubic in the length: under the sanitizers (about 10x
-      // slower) --cache none runs the cases up to 128 positions; the plain build runs them all.
-      if (choice.policy == "none" && reference["steps"].integer() > 128) continue;
+    // Recomputing every prefix is cubic in the length: under the sanitizers (about 10x
+    // slower) --cache none runs the cases up to 128 positions; the plain build runs them all.
+    if (choice.policy == "none" && reference["steps"].integer() > 128) continue;
 #endif
-      SCOPED_TRACE(choice.policy + " " + reference["case"].str());
-      const Outcome run = generate(choice, {reference["prompt"].str()}, greedy(reference["steps"].integer()));
-      const Generation& result = run.results.front();
-      EXPECT_EQ(result.prompt_ids, reference["prompt_ids"].ints());
-      EXPECT_EQ(result.generated_ids, reference["generated_ids"].ints());
-      EXPECT_EQ(result.text, reference["text"].str());
-      EXPECT_EQ(result.forward_calls, reference["forward_calls"].integer());
-    }
+    SCOPED_TRACE(choice.policy + " " + reference["case"].str());
+    const Outcome run = generate(choice, {reference["prompt"].str()}, greedy(reference["steps"].integer()));
+    const Generation& result = run.results.front();
+    EXPECT_EQ(result.prompt_ids, reference["prompt_ids"].ints());
+    EXPECT_EQ(result.generated_ids, reference["generated_ids"].ints());
+    EXPECT_EQ(result.text, reference["text"].str());
+    EXPECT_EQ(result.forward_calls, reference["forward_calls"].integer());
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(EveryCache, Llama2Reproduces,
+                         ::testing::Values(CacheChoice{.policy = "contiguous"}, CacheChoice{.policy = "paged", .block = 16},
+                                           CacheChoice{.policy = "window", .window = 512}, CacheChoice{.policy = "none"}),
+                         [](const ::testing::TestParamInfo<CacheChoice>& info) { return info.param.policy; });
 
 // The logits after feeding `tokens` through the model with a cache of `dtype`.
 std::vector<float> logits_after(const char* dtype, const std::vector<int>& tokens) {
   Model& m = model();
-  return with_cache({.dtype = dtype}, m.checkpoint.config(), 1, greedy(512), [&](auto& cache, const auto&) {
+  return with_cache<TestedDTypes>({.dtype = dtype}, m.checkpoint.config(), 1, greedy(512), [&](auto& cache, const auto&) {
     const kvcache::SeqId seq = cache.open();
     cache.reserve(seq, static_cast<int>(tokens.size()));
     std::vector<float> logits(static_cast<std::size_t>(m.checkpoint.config().vocab_size));
@@ -206,6 +214,8 @@ TEST(Llama2, BadInputGivesClearErrors) {
   for (int i = 0; i < 300; ++i) long_prompt += "dog cat ";
   expect_error("the model's context is 512", [&] { generate({}, {long_prompt}, greedy(512)); });
   expect_error("--cache disk: use contiguous, paged, window or none", [] { generate({.policy = "disk"}, {""}, greedy(8)); });
+  expect_error("--dtype q4: use f32, f16, bf16", [] { generate({.dtype = "q4"}, {""}, greedy(8)); });
+  expect_error("--block 12: use 8, 16 or 32", [] { generate({.policy = "paged", .block = 12}, {""}, greedy(8)); });
   std::remove(truncated.c_str());
 }
 
