@@ -2,9 +2,12 @@
 // logic (indexing, masks, split merging, block tables) against the CPU backend. Include it
 // before any kvcache header in a file a host compiler builds.
 //
-// A launch runs its thread blocks one after another. The threads of a block are fibers
-// (ucontext) that switch only at __syncthreads and warp shuffles, which wait for every
-// unfinished thread of the block or warp, as on the device; __shared__ variables become
+// A launch runs its thread blocks one after another. The threads of a block are fibers that
+// switch only at __syncthreads and warp shuffles, which wait for every unfinished thread of the
+// block or warp, as on the device. A fiber starts on its own stack through ucontext and then
+// switches with _setjmp/_longjmp, which unlike swapcontext make no system call (swapcontext
+// saves the signal mask, two syscalls a switch, and the switches were 85% of the run time);
+// __shared__ variables become
 // statics, which the fibers of the running block share. "Device memory" is host memory: the
 // CUDA runtime calls the library makes are defined below (this file stands in for libcudart,
 // so include it in exactly one translation unit of a program).
@@ -14,9 +17,13 @@
 // and the benchmark on a GPU cover those.
 #pragma once
 
+// Fortified longjmp refuses to jump to another stack, which is what switching fibers does.
+#undef _FORTIFY_SOURCE
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -26,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <tuple>
@@ -50,7 +58,9 @@ struct Barrier {
 };
 
 struct Thread {
-  ucontext_t context{};
+  ucontext_t start{};     // entered once, by setcontext
+  jmp_buf resume{};       // where a started thread continues
+  bool started = false;
   std::unique_ptr<char[]> stack;
   uint3 index{};
   bool done = false;
@@ -60,9 +70,9 @@ struct Thread {
 struct Block {
   dim3 grid{}, size{};
   uint3 index{};
-  std::vector<Thread> threads;
+  std::deque<Thread> threads;  // growing never moves a thread: its start context points into itself
   int current = 0;
-  ucontext_t scheduler{};
+  jmp_buf scheduler{};
   std::function<void()> body;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
@@ -77,7 +87,7 @@ inline Block& block() {
 
 inline void yield() {
   Block& b = block();
-  swapcontext(&b.threads[static_cast<std::size_t>(b.current)].context, &b.scheduler);
+  if (_setjmp(b.threads[static_cast<std::size_t>(b.current)].resume) == 0) _longjmp(b.scheduler, 1);
 }
 
 // Waits until every unfinished thread of the barrier's group has arrived.
@@ -120,7 +130,16 @@ inline void thread_entry() {
   b.threads[static_cast<std::size_t>(b.current)].done = true;
   --b.block_barrier.live;
   --b.warp_barriers[static_cast<std::size_t>(b.current / 32)].live;
-  // Returning resumes uc_link: the scheduler.
+  _longjmp(b.scheduler, 1);  // never returns: the fiber's stack is simply left
+}
+
+// Runs the block's current thread until it next yields or finishes. Out of line, so that the
+// scheduler's loop counters are not locals of the function that calls _setjmp.
+[[gnu::noinline]] inline void run_to_next_switch(Block& b, Thread& thread) {
+  if (_setjmp(b.scheduler) != 0) return;  // the thread jumped back
+  if (thread.started) _longjmp(thread.resume, 1);
+  thread.started = true;
+  setcontext(&thread.start);
 }
 
 // Runs body() as every thread of one block, round robin between switch points.
@@ -137,24 +156,28 @@ inline void run_block(const std::function<void()>& body) {
   for (auto& exchange : b.exchange) exchange.assign(static_cast<std::size_t>(count), 0);
   for (int t = 0; t < count; ++t) {
     Thread& thread = b.threads[static_cast<std::size_t>(t)];
-    if (!thread.stack) thread.stack = std::make_unique<char[]>(stack_bytes);
+    if (!thread.stack) {  // a context made once starts the thread afresh at every setcontext
+      thread.stack = std::make_unique<char[]>(stack_bytes);
+      getcontext(&thread.start);
+      thread.start.uc_stack.ss_sp = thread.stack.get();
+      thread.start.uc_stack.ss_size = stack_bytes;
+      thread.start.uc_link = nullptr;
+      makecontext(&thread.start, thread_entry, 0);
+    }
     thread.done = false;
+    thread.started = false;
     thread.shuffles = 0;
     thread.index = {static_cast<unsigned>(t) % b.size.x, static_cast<unsigned>(t) / b.size.x % b.size.y,
                     static_cast<unsigned>(t) / (b.size.x * b.size.y)};
-    getcontext(&thread.context);
-    thread.context.uc_stack.ss_sp = thread.stack.get();
-    thread.context.uc_stack.ss_size = stack_bytes;
-    thread.context.uc_link = &b.scheduler;
-    makecontext(&thread.context, thread_entry, 0);
   }
   for (bool running = true; running;) {
     running = false;
     for (int t = 0; t < count; ++t) {
-      if (b.threads[static_cast<std::size_t>(t)].done) continue;
+      Thread& thread = b.threads[static_cast<std::size_t>(t)];
+      if (thread.done) continue;
       running = true;
       b.current = t;
-      swapcontext(&b.scheduler, &b.threads[static_cast<std::size_t>(t)].context);
+      run_to_next_switch(b, thread);
     }
   }
 }
