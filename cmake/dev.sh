@@ -4,7 +4,7 @@
 #   cmake/dev.sh test    build everything and run every test (ctest)
 #   cmake/dev.sh asan    the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #                        (built without -march=native: the portable kernels)
-#   cmake/dev.sh avx2    the tests built for AVX2 without AVX-512 (the other SIMD kernels)
+#   cmake/dev.sh avx2    the kernels' tests built for AVX2 without AVX-512 (the other SIMD kernels)
 #   cmake/dev.sh bench   build and run the benchmarks (extra arguments go to Google Benchmark)
 # Missing Debian packages are installed when run as root; otherwise the apt-get line is printed.
 set -euo pipefail
@@ -58,11 +58,11 @@ case "$command" in
   asan)
     # Only what ctest runs: the example programs (compiled by `test`) take minutes under the
     # sanitizers and no test runs them.
-    build asan kvcache_tests llama2_tests print_block_hashes
+    build asan kvcache_tests kvcache_kernel_tests llama2_tests print_block_hashes
     ctest --preset asan -j "$jobs"
     ;;
   avx2)
-    build avx2
+    build avx2 kvcache_kernel_tests
     ctest --preset avx2 -j "$jobs"
     ;;
   bench)
