@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <ostream>
 #include <sstream>
 #include <variant>
 
@@ -57,17 +58,29 @@ GenerationOptions greedy(int steps) {
   return options;
 }
 
-// One test per cache, so that ctest runs them side by side.
-class Llama2Reproduces : public ::testing::TestWithParam<CacheChoice> {};
+// One test per cache, so that ctest runs them side by side; --cache none, which recomputes
+// every prefix at every step (cubic in the length), as long as the others together, in halves.
+struct Reproduction {
+  CacheChoice choice;
+  int part = 0, parts = 1;  // runs the part-th of `parts` equal runs of cases
+};
 
-TEST_P(Llama2Reproduces, EveryReferenceCase) {
-  const CacheChoice& choice = GetParam();
+std::string name_of(const Reproduction& r) {
+  return r.choice.policy + (r.parts > 1 ? "_half" + std::to_string(r.part + 1) : "");
+}
+void PrintTo(const Reproduction& r, std::ostream* out) { *out << name_of(r); }
+
+class Llama2Reproduces : public ::testing::TestWithParam<Reproduction> {};
+
+TEST_P(Llama2Reproduces, ReferenceCases) {
+  const auto [choice, part, parts] = GetParam();
   const auto cases = reference_cases();
   ASSERT_EQ(cases.size(), 32u);
-  for (const Json& reference : cases) {
+  for (std::size_t i = cases.size() * part / parts; i < cases.size() * (part + 1) / parts; ++i) {
+    const Json& reference = cases[i];
 #if defined(__SANITIZE_ADDRESS__)
-    // Recomputing every prefix is cubic in the length: under the sanitizers (about 10x
-    // slower) --cache none runs the cases up to 128 positions; the plain build runs them all.
+    // Under the sanitizers (about 10x slower) --cache none runs the cases up to 128 positions;
+    // the plain build runs them all.
     if (choice.policy == "none" && reference["steps"].integer() > 128) continue;
 #endif
     SCOPED_TRACE(choice.policy + " " + reference["case"].str());
@@ -81,9 +94,10 @@ TEST_P(Llama2Reproduces, EveryReferenceCase) {
 }
 
 INSTANTIATE_TEST_SUITE_P(EveryCache, Llama2Reproduces,
-                         ::testing::Values(CacheChoice{.policy = "contiguous"}, CacheChoice{.policy = "paged", .block = 16},
-                                           CacheChoice{.policy = "window", .window = 512}, CacheChoice{.policy = "none"}),
-                         [](const ::testing::TestParamInfo<CacheChoice>& info) { return info.param.policy; });
+                         ::testing::Values(Reproduction{{.policy = "contiguous"}}, Reproduction{{.policy = "paged", .block = 16}},
+                                           Reproduction{{.policy = "window", .window = 512}},
+                                           Reproduction{{.policy = "none"}, 0, 2}, Reproduction{{.policy = "none"}, 1, 2}),
+                         [](const ::testing::TestParamInfo<Reproduction>& test) { return name_of(test.param); });
 
 // The logits after feeding `tokens` through the model with a cache of `dtype`.
 std::vector<float> logits_after(const char* dtype, const std::vector<int>& tokens) {
