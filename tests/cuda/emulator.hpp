@@ -6,11 +6,10 @@
 // switch only at __syncthreads and warp shuffles, which wait for every unfinished thread of the
 // block or warp, as on the device. A fiber starts on its own stack through ucontext and then
 // switches with _setjmp/_longjmp, which unlike swapcontext make no system call (swapcontext
-// saves the signal mask, two syscalls a switch, and the switches were 85% of the run time);
-// __shared__ variables become
-// statics, which the fibers of the running block share. "Device memory" is host memory: the
-// CUDA runtime calls the library makes are defined below (this file stands in for libcudart,
-// so include it in exactly one translation unit of a program).
+// saves the signal mask, two syscalls a switch, and the switches were 85% of the run time).
+// __shared__ variables become statics, which the fibers of the running block share. "Device
+// memory" is host memory: the CUDA runtime calls the library makes are defined below (this
+// file stands in for libcudart, so include it in exactly one translation unit of a program).
 //
 // Loads through __ldg fault when misaligned, as on the device. What it cannot find: data races
 // between threads, misaligned stores, bank conflicts, anything about speed; compute-sanitizer
@@ -58,7 +57,7 @@ struct Barrier {
 };
 
 struct Thread {
-  ucontext_t start{};     // entered once, by setcontext
+  ucontext_t start{};     // made once; setcontext enters it as the thread starts in each block
   jmp_buf resume{};       // where a started thread continues
   bool started = false;
   std::unique_ptr<char[]> stack;
