@@ -65,6 +65,7 @@ inline constexpr int heads_per_pass = 64;  // rows (query heads, or heads x quer
                                            // sharing one read of K/V; larger groups take passes
 inline constexpr int tile_rows = 64;      // the most key rows scored before one softmax update
 inline constexpr std::size_t inline_elements = std::size_t{1} << 16;  // K elements below which a call stays on one thread
+inline constexpr int small_head_dim = 32;  // the portable path scores up to this head_dim by keys transposed
 inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges of at least this many keys
 
 // Storage whose K rows are quantized per channel over groups of tokens (int4).
@@ -711,6 +712,7 @@ enum class Buffer {
   rounded_queries,     // words: the queries rounded for integer scoring
   transposed_queries,  // floats: the queries of score_product
   packed_values,       // floats: a V tile as fp32 rows (passes of score_product)
+  transposed_keys,     // floats: a K tile, element-major (the portable path's scoring)
 };
 
 // Per-thread room for `count` T, 64-byte aligned, one buffer per use; only grows.
@@ -763,6 +765,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   // queries, and room for a V tile as fp32 rows; made on first use.
   float* q_t = nullptr;
   float* packed_v = nullptr;  // [product_rows][HeadDim]
+  float* keys_t = nullptr;    // the portable path's transposed K tile, made on first use
   // Segments of the cache's storage, or the full-precision residual rows of group-quantized
   // types (S = float).
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
@@ -882,16 +885,42 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         }
       } else {
         alignas(64) float row_data[Capacity];
-        Eigen::Map<Row> row(row_data, head_dim);
-        for (int r = 0; r < rows; ++r) {
+        auto load_key = [&](int r) {
           if constexpr (group_quantized) {
             const int token = (tile + r) % view.group_tokens;
             load_key_row(k + static_cast<std::size_t>(r - token) * units, token, head_dim, row_data);
           } else {
             load_row(k + static_cast<std::size_t>(r) * units, head_dim, row_data);
           }
-          for (int h = 0; h < heads; ++h)
-            scores[h][r] = Eigen::Map<const Row>(q_tile + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
+        };
+        if (head_dim <= small_head_dim) {
+          // The tile's keys transposed, [head_dim][tile_rows]: each query element scales 16 keys'
+          // elements at once, where a dot product per row and head is too short to vectorize.
+          if (keys_t == nullptr)
+            keys_t = thread_buffer<float, Buffer::transposed_keys>(static_cast<std::size_t>(small_head_dim) * tile_rows);
+          for (int r = 0; r < rows; ++r) {
+            load_key(r);
+            for (int d = 0; d < head_dim; ++d) keys_t[d * tile_rows + r] = row_data[d];
+          }
+          constexpr int block = 16;
+          static_assert(tile_rows % block == 0);  // a block past `rows` reads (and drops) stale rows
+          using Block = Eigen::Array<float, block, 1>;
+          for (int h = 0; h < heads; ++h) {
+            const float* q_head = q_tile + static_cast<std::size_t>(h) * head_dim;
+            for (int first = 0; first < rows; first += block) {
+              Block sums = Block::Zero();
+              for (int d = 0; d < head_dim; ++d)
+                sums += q_head[d] * Eigen::Map<const Block>(keys_t + d * tile_rows + first);
+              std::copy_n(sums.data(), std::min(block, rows - first), scores[h] + first);
+            }
+          }
+        } else {
+          Eigen::Map<Row> row(row_data, head_dim);
+          for (int r = 0; r < rows; ++r) {
+            load_key(r);
+            for (int h = 0; h < heads; ++h)
+              scores[h][r] = Eigen::Map<const Row>(q_tile + static_cast<std::size_t>(h) * head_dim, head_dim).dot(row);
+          }
         }
       }
       if constexpr (!integer) {
@@ -955,8 +984,15 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         Eigen::Map<Row> row(row_data, head_dim);
         for (int r = 0; r < rows; ++r) {
           load_row(v + static_cast<std::size_t>(r) * units, head_dim, row_data);
-          for (int h = 0; h < heads; ++h)
-            Eigen::Map<Row>(acc + static_cast<std::size_t>(h) * head_dim, head_dim) += scores[h][r] * row;
+          for (int h = 0; h < heads; ++h) {
+            float* out = acc + static_cast<std::size_t>(h) * head_dim;
+            const float weight = scores[h][r];
+            if (head_dim <= small_head_dim) {  // a plain loop: Eigen's dynamic-size setup outweighs it
+              for (int d = 0; d < head_dim; ++d) out[d] += weight * row_data[d];
+            } else {
+              Eigen::Map<Row>(out, head_dim) += weight * row;
+            }
+          }
         }
       }
       if constexpr (group_quantized)
