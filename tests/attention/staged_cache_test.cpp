@@ -376,7 +376,19 @@ TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
     SeqId id;
     Rows k[2], v[2];     // [layer]: rows as appended (full precision)
     int first_held = 0;  // a window's positions before this (and after the sinks) were overwritten
+    // stored_rows of k and v, recomputed only after they change: re-quantizing every sequence at
+    // every step made this test the slowest of the suite under the sanitizers.
+    Rows k_stored[2], v_stored[2];
+    bool stored_current = false;
     int length() const { return static_cast<int>(k[0].size() / 16); }
+    void update_stored() {
+      if (stored_current) return;
+      for (int layer = 0; layer < 2; ++layer) {
+        k_stored[layer] = stored_rows<DType>(k[layer], 0, length(), 2, 8);
+        v_stored[layer] = stored_rows<DType>(v[layer], 1, length(), 2, 8);
+      }
+      stored_current = true;
+    }
   };
   std::map<std::uint32_t, Sequence> model;
   std::mt19937 rng(77);
@@ -392,7 +404,7 @@ TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
     if (operation == 0) {
       if (!cache.can_open()) continue;
       const SeqId id = cache.open();
-      model[id.slot] = Sequence{id, {}, {}};
+      model[id.slot].id = id;
     } else if (operation == 1) {
       if (std::uniform_int_distribution<int>(0, 3)(rng) != 0) continue;
       const SeqId id = pick().id;
@@ -409,6 +421,7 @@ TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
         seq.k[layer].insert(seq.k[layer].end(), k.begin(), k.end());
         seq.v[layer].insert(seq.v[layer].end(), v.begin(), v.end());
       }
+      seq.stored_current = false;
       if (layout.retention().ring_tokens > 0)
         seq.first_held = std::max(seq.first_held, seq.length() - layout.retention().ring_tokens);
     } else if (operation == 4) {  // truncate
@@ -422,13 +435,14 @@ TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
       }
       const int old_length = seq.length();
       if (length / group != old_length / group) ++truncations_into_groups;
+      seq.update_stored();
       for (int layer = 0; layer < 2; ++layer) {
         // The new last group's positions, if it was quantized, come back dequantized; a window's
         // positions that the ring reused come back as zeros.
         if (length / group != old_length / group) {
           const int first = length / group * group;
-          const Rows k_stored = stored_rows<DType>(seq.k[layer], 0, old_length, 2, 8);
-          const Rows v_stored = stored_rows<DType>(seq.v[layer], 1, old_length, 2, 8);
+          const Rows& k_stored = seq.k_stored[layer];
+          const Rows& v_stored = seq.v_stored[layer];
           const Retention retention = layout.retention();
           for (int p = first; p < length; ++p) {
             const bool held = retention.ring_tokens == 0 || p < retention.sink_tokens || p >= seq.first_held;
@@ -441,6 +455,7 @@ TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
         seq.k[layer].resize(length * row);
         seq.v[layer].resize(length * row);
       }
+      seq.stored_current = false;
       seq.first_held = std::min(seq.first_held, length);
     } else {  // fork
       Sequence& seq = pick();
@@ -452,14 +467,15 @@ TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
       ++forks;
     }
     // Every sequence holds what the model says; attention of one agrees with the oracle.
-    for (const auto& [slot, seq] : model)
+    for (auto& [slot, seq] : model) {
+      seq.update_stored();
       for (int layer = 0; layer < 2; ++layer) {
         const auto view = cache.view(layer, seq.id);
         ASSERT_EQ(view.length, seq.length());
         if (seq.length() == 0) continue;
         const Rows k_view = view_values(view, 0), v_view = view_values(view, 1);
-        const Rows k_stored = stored_rows<DType>(seq.k[layer], 0, seq.length(), 2, 8);
-        const Rows v_stored = stored_rows<DType>(seq.v[layer], 1, seq.length(), 2, 8);
+        const Rows& k_stored = seq.k_stored[layer];
+        const Rows& v_stored = seq.v_stored[layer];
         for (int p = 0; p < seq.length(); ++p) {
           if (!mask.visible(p, seq.length() - 1)) continue;
           for (std::size_t e = 0; e < row; ++e) {
@@ -468,15 +484,15 @@ TYPED_TEST(StagedCacheTest, RandomOperationsMatchModel) {
           }
         }
       }
+    }
     if (!model.empty() && step % 7 == 0) {
       const Sequence& seq = pick();
       if (seq.length() == 0) continue;
       const auto q = random_values(rng, 4 * 8, 0.5f);
       std::vector<float> out(q.size());
       attention::decode(cache, 1, seq.id, q, out);
-      const auto expected = oracle_attention(shape, stored_rows<DType>(seq.k[1], 0, seq.length(), 2, 8),
-                                             stored_rows<DType>(seq.v[1], 1, seq.length(), 2, 8), seq.length(), q, 1, mask,
-                                             1.0 / std::sqrt(8.0));
+      const auto expected =
+          oracle_attention(shape, seq.k_stored[1], seq.v_stored[1], seq.length(), q, 1, mask, 1.0 / std::sqrt(8.0));
       EXPECT_LE(relative_error(out, expected), kernel_bound<typename DType::storage_type>(8));
       ++checks;
     }
