@@ -196,7 +196,7 @@ void dispatch_head_dim(int head_dim, F&& f) {
   attention::dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
     if constexpr (decltype(head_dim_constant)::value == 0)
       kvcache::detail::fail(errc::invalid_configuration, "head_dim = ", head_dim,
-                            ": the CUDA attention kernels are built for head_dim 64, 128 and 256");
+                            ": the CUDA attention kernels are built for head_dim 64, 128 and 256 (those in KVCACHE_FAST_HEAD_DIMS)");
     else
       f(head_dim_constant);
   });
