@@ -37,7 +37,8 @@ log() { echo "== $*" | tee -a "$out/summary.txt"; }
 
 build() {
   log "build ($("$nvcc" --version | tail -n 1))"
-  "$nvcc" "${flags[@]}" tests/cuda/cuda_attention_test.cu "$deps/lib/libgtest.a" -lpthread \
+  # The CPU side on its portable path, as tests/cuda/CMakeLists.txt builds it.
+  "$nvcc" "${flags[@]}" -DKVCACHE_FAST_HEAD_DIMS= tests/cuda/cuda_attention_test.cu "$deps/lib/libgtest.a" -lpthread \
     -o build/gpu/kvcache_cuda_backend_tests &
   local tests=$!
   "$nvcc" "${flags[@]}" benchmarks/cuda/decode_bench.cu -L"$deps/lib" -lbenchmark -lpthread \

@@ -1,9 +1,9 @@
 // Attention parameters and the one place where a runtime head_dim becomes a constant.
 #pragma once
 
-#include <iterator>
 #include <optional>
 #include <type_traits>
+#include <utility>
 
 #include "../config.hpp"
 
@@ -16,12 +16,12 @@ struct AttentionParams {
 
 namespace attention {
 
-// The head sizes whose fast kernels are compiled, a subset of 64, 128 and 256. Every cache type
-// an attention call sees instantiates the kernels of each size, so an engine that serves models
-// of one size builds faster with only that one (-DKVCACHE_FAST_HEAD_DIMS=128), or with none
-// (-DKVCACHE_FAST_HEAD_DIMS=; the stories260K example, head_dim 8, compiles in a quarter less
-// time). Any other head_dim takes the portable path. Define it alike in every translation unit
-// of a program.
+// The head sizes whose fast CPU kernels are compiled, a subset of 64, 128 and 256. Every cache
+// type an attention call sees instantiates the kernels of each size, so an engine that serves
+// models of one size builds faster with only that one (-DKVCACHE_FAST_HEAD_DIMS=128), or with
+// none (-DKVCACHE_FAST_HEAD_DIMS=; the stories260K example, head_dim 8, compiles in a quarter
+// less time). Any other head_dim takes the portable path. Define it alike in every translation
+// unit of a program. (The CUDA kernels have their own list, KVCACHE_CUDA_HEAD_DIMS.)
 #ifndef KVCACHE_FAST_HEAD_DIMS
 #define KVCACHE_FAST_HEAD_DIMS 64, 128, 256
 #endif
@@ -29,25 +29,30 @@ namespace attention {
 namespace detail {
 template <int First, int... Rest, class F>
 constexpr decltype(auto) dispatch_head_dim_among(int head_dim, F&& f) {
-  static_assert(First == 64 || First == 128 || First == 256, "KVCACHE_FAST_HEAD_DIMS: a subset of 64, 128, 256");
   if (head_dim == First) return f(std::integral_constant<int, First>{});
   if constexpr (sizeof...(Rest) > 0)
     return dispatch_head_dim_among<Rest...>(head_dim, f);
   else
     return f(std::integral_constant<int, 0>{});
 }
-}  // namespace detail
 
-// Calls f with std::integral_constant<int, head_dim> for the sizes that have fast paths
-// (KVCACHE_FAST_HEAD_DIMS) and with std::integral_constant<int, 0> ("known only at run time")
-// for every other size.
-template <class F>
-constexpr decltype(auto) dispatch_head_dim(int head_dim, F&& f) {
-  constexpr int fast_sizes[] = {0, KVCACHE_FAST_HEAD_DIMS};  // 0: none when the list is empty
-  if constexpr (std::size(fast_sizes) == 1)
+// Calls f with std::integral_constant<int, head_dim> when head_dim is one of Sizes (a subset of
+// 64, 128 and 256, possibly empty) and with std::integral_constant<int, 0> ("known only at run
+// time") for every other size.
+template <int... Sizes, class F>
+constexpr decltype(auto) dispatch_head_dim_in(int head_dim, F&& f) {
+  static_assert(((Sizes == 64 || Sizes == 128 || Sizes == 256) && ...), "head sizes: a subset of 64, 128, 256");
+  if constexpr (sizeof...(Sizes) == 0)
     return f(std::integral_constant<int, 0>{});
   else
-    return detail::dispatch_head_dim_among<KVCACHE_FAST_HEAD_DIMS>(head_dim, f);
+    return dispatch_head_dim_among<Sizes...>(head_dim, f);
+}
+}  // namespace detail
+
+// dispatch_head_dim_in for the sizes that have fast CPU kernels (KVCACHE_FAST_HEAD_DIMS).
+template <class F>
+constexpr decltype(auto) dispatch_head_dim(int head_dim, F&& f) {
+  return detail::dispatch_head_dim_in<KVCACHE_FAST_HEAD_DIMS>(head_dim, std::forward<F>(f));
 }
 
 }  // namespace attention

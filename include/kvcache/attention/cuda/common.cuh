@@ -21,6 +21,15 @@
 #include "../../view.hpp"
 #include "../params.hpp"
 
+// The head sizes whose CUDA attention kernels are compiled: a subset of 64, 128 and 256, as
+// KVCACHE_FAST_HEAD_DIMS is for the CPU's kernels (each list applies to its own backend only).
+// Define it alike in every translation unit of a program.
+#ifndef KVCACHE_CUDA_HEAD_DIMS
+#define KVCACHE_CUDA_HEAD_DIMS 64, 128, 256
+#endif
+#define KVCACHE_CUDA_TEXT_OF(...) #__VA_ARGS__
+#define KVCACHE_CUDA_TEXT(...) KVCACHE_CUDA_TEXT_OF(__VA_ARGS__)
+
 KVCACHE_BEGIN_NAMESPACE
 
 namespace attention::cuda::detail {
@@ -189,14 +198,15 @@ inline Workspace& workspace() {
   return instance;
 }
 
-// attention::dispatch_head_dim for the CUDA kernels, which exist only for its fast sizes:
-// any other head_dim throws.
+// attention::dispatch_head_dim for the CUDA kernels (KVCACHE_CUDA_HEAD_DIMS): any other
+// head_dim throws.
 template <class F>
 void dispatch_head_dim(int head_dim, F&& f) {
-  attention::dispatch_head_dim(head_dim, [&](auto head_dim_constant) {
+  attention::detail::dispatch_head_dim_in<KVCACHE_CUDA_HEAD_DIMS>(head_dim, [&](auto head_dim_constant) {
     if constexpr (decltype(head_dim_constant)::value == 0)
       kvcache::detail::fail(errc::invalid_configuration, "head_dim = ", head_dim,
-                            ": the CUDA attention kernels are built for head_dim 64, 128 and 256 (those in KVCACHE_FAST_HEAD_DIMS)");
+                            ": the CUDA attention kernels are built for head_dim " KVCACHE_CUDA_TEXT(KVCACHE_CUDA_HEAD_DIMS)
+                            " (KVCACHE_CUDA_HEAD_DIMS)");
     else
       f(head_dim_constant);
   });
