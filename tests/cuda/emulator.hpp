@@ -4,9 +4,10 @@
 //
 // A launch runs its thread blocks one after another. The threads of a block are fibers that
 // switch only at __syncthreads and warp shuffles, which wait for every unfinished thread of the
-// block or warp, as on the device. A fiber starts on its own stack through ucontext and then
-// switches with _setjmp/_longjmp, which unlike swapcontext make no system call (swapcontext
-// saves the signal mask, two syscalls a switch, and the switches were 85% of the run time).
+// block or warp, as on the device. A fiber starts on its own stack through ucontext, once, and
+// then switches with _setjmp/_longjmp, which unlike swapcontext make no system call
+// (swapcontext saves the signal mask, two syscalls a switch, and the switches were 85% of the
+// run time); it serves its thread index in every block of every launch that has one.
 // __shared__ variables become statics, which the fibers of the running block share. "Device
 // memory" is host memory: the CUDA runtime calls the library makes are defined below (this
 // file stands in for libcudart, so include it in exactly one translation unit of a program).
@@ -57,9 +58,9 @@ struct Barrier {
 };
 
 struct Thread {
-  ucontext_t start{};     // made once; setcontext enters it as the thread starts in each block
-  jmp_buf resume{};       // where a started thread continues
-  bool started = false;
+  ucontext_t start{};     // made once; setcontext enters it the first time the fiber runs
+  jmp_buf resume{};       // where the fiber continues: at its last switch, or at its next block
+  bool entered = false;   // the fiber runs (setcontext, which makes a system call, only once)
   std::unique_ptr<char[]> stack;
   uint3 index{};
   bool done = false;
@@ -123,28 +124,44 @@ T shuffle(T value, int source_lane) {
   return result;
 }
 
+// A fiber's whole life: the body of one block's thread after another. Between blocks it waits
+// here, and the next block's first switch to it resumes it; it never returns (a fiber of a
+// thread index that a later launch does not use is dropped with its stack).
 inline void thread_entry() {
-  Block& b = block();
-  b.body();
-  b.threads[static_cast<std::size_t>(b.current)].done = true;
-  --b.block_barrier.live;
-  --b.warp_barriers[static_cast<std::size_t>(b.current / 32)].live;
-  _longjmp(b.scheduler, 1);  // never returns: the fiber's stack is simply left
+  for (;;) {
+    Block& b = block();
+    b.body();
+    b.threads[static_cast<std::size_t>(b.current)].done = true;
+    --b.block_barrier.live;
+    --b.warp_barriers[static_cast<std::size_t>(b.current / 32)].live;
+    yield();
+  }
 }
 
 // Runs the block's current thread until it next yields or finishes. Out of line, so that the
 // scheduler's loop counters are not locals of the function that calls _setjmp.
 [[gnu::noinline]] inline void run_to_next_switch(Block& b, Thread& thread) {
   if (_setjmp(b.scheduler) != 0) return;  // the thread jumped back
-  if (thread.started) _longjmp(thread.resume, 1);
-  thread.started = true;
+  if (thread.entered) _longjmp(thread.resume, 1);
+  thread.entered = true;
   setcontext(&thread.start);
+}
+
+// Gives the thread its stack and its start context. Out of line: getcontext returns twice, and
+// the caller's locals would then be at risk.
+[[gnu::noinline]] inline void make_fiber(Thread& thread) {
+  constexpr std::size_t stack_bytes = 256 * 1024;
+  thread.stack = std::make_unique<char[]>(stack_bytes);
+  getcontext(&thread.start);
+  thread.start.uc_stack.ss_sp = thread.stack.get();
+  thread.start.uc_stack.ss_size = stack_bytes;
+  thread.start.uc_link = nullptr;
+  makecontext(&thread.start, thread_entry, 0);
 }
 
 // Runs body() as every thread of one block, round robin between switch points.
 inline void run_block(const std::function<void()>& body) {
   Block& b = block();
-  constexpr std::size_t stack_bytes = 256 * 1024;
   const int count = static_cast<int>(b.size.x * b.size.y * b.size.z);
   b.body = body;
   b.threads.resize(static_cast<std::size_t>(count));
@@ -155,16 +172,8 @@ inline void run_block(const std::function<void()>& body) {
   for (auto& exchange : b.exchange) exchange.assign(static_cast<std::size_t>(count), 0);
   for (int t = 0; t < count; ++t) {
     Thread& thread = b.threads[static_cast<std::size_t>(t)];
-    if (!thread.stack) {  // a context made once starts the thread afresh at every setcontext
-      thread.stack = std::make_unique<char[]>(stack_bytes);
-      getcontext(&thread.start);
-      thread.start.uc_stack.ss_sp = thread.stack.get();
-      thread.start.uc_stack.ss_size = stack_bytes;
-      thread.start.uc_link = nullptr;
-      makecontext(&thread.start, thread_entry, 0);
-    }
+    if (!thread.stack) make_fiber(thread);
     thread.done = false;
-    thread.started = false;
     thread.shuffles = 0;
     thread.index = {static_cast<unsigned>(t) % b.size.x, static_cast<unsigned>(t) / b.size.x % b.size.y,
                     static_cast<unsigned>(t) / (b.size.x * b.size.y)};

@@ -46,8 +46,15 @@ __global__ void store_rows_kernel(RowTarget<typename DType::storage_type> target
       if constexpr (ScaleSearchingElement<DType>) {
         static_assert(DType::scale_candidates <= 32, "a candidate per thread of the block's first warp");
         __shared__ float errors[DType::scale_candidates];
-        const float absmax = detail::finite_absmax(values);  // every thread, the same
-        const bool search = detail::searches_scale<DType>(values, absmax);
+        __shared__ float absmax_found;
+        __shared__ bool search_found;
+        if (threadIdx.x == 0) {  // once for the block, not once per thread: each reads the whole row
+          absmax_found = detail::finite_absmax(values);
+          search_found = detail::searches_scale<DType>(values, absmax_found);
+        }
+        __syncthreads();
+        const float absmax = absmax_found;
+        const bool search = search_found;
         if (search && threadIdx.x < DType::scale_candidates)
           errors[threadIdx.x] = detail::candidate_error<DType>(values, 1.0f / absmax, static_cast<int>(threadIdx.x));
         __syncthreads();
