@@ -898,13 +898,17 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
           // elements at once, where a dot product per row and head is too short to vectorize.
           if (keys_t == nullptr)
             keys_t = thread_buffer<float, Buffer::transposed_keys>(static_cast<std::size_t>(small_head_dim) * tile_rows);
+          constexpr int block = 16;
+          static_assert(tile_rows % block == 0);
+          using Block = Eigen::Array<float, block, 1>;
           for (int r = 0; r < rows; ++r) {
             load_key(r);
             for (int d = 0; d < head_dim; ++d) keys_t[d * tile_rows + r] = row_data[d];
           }
-          constexpr int block = 16;
-          static_assert(tile_rows % block == 0);  // a block past `rows` reads (and drops) stale rows
-          using Block = Eigen::Array<float, block, 1>;
+          // The last block's rows past `rows` are scored and dropped: zeros, not another tile's
+          // stale rows (or never-written memory, or denormals that would slow the multiply-adds).
+          const int padded = (rows + block - 1) / block * block;
+          for (int d = 0; d < head_dim; ++d) std::fill(keys_t + d * tile_rows + rows, keys_t + d * tile_rows + padded, 0.0f);
           for (int h = 0; h < heads; ++h) {
             const float* q_head = q_tile + static_cast<std::size_t>(h) * head_dim;
             for (int first = 0; first < rows; first += block) {
