@@ -18,10 +18,7 @@ inline constexpr int head_dim = 128;
 
 // The benchmarks are built with head_dim 128's fast kernels only (KVCACHE_FAST_HEAD_DIMS in
 // benchmarks/CMakeLists.txt): a shape of another head size would time the portable path.
-constexpr bool has_fast_kernels(int size) {
-  return attention::dispatch_head_dim(size, [](auto constant) { return decltype(constant)::value; }) == size;
-}
-static_assert(has_fast_kernels(head_dim));
+static_assert(attention::has_fast_kernels(head_dim));
 
 inline std::vector<float> random_values(std::size_t count, unsigned seed = 1) {
   std::mt19937 rng(seed);

@@ -25,7 +25,7 @@ struct Geometry {
   int q_heads, kv_heads, head_dim;
 };
 constexpr Geometry geometries[] = {{"llama3_8b", 32, 8, 128}, {"llama2_7b", 32, 32, 128}, {"mqa", 32, 1, 128}};
-static_assert(std::ranges::all_of(geometries, [](const Geometry& g) { return has_fast_kernels(g.head_dim); }));
+static_assert(std::ranges::all_of(geometries, [](const Geometry& g) { return attention::has_fast_kernels(g.head_dim); }));
 constexpr std::size_t working_set = std::size_t{1} << 30;
 constexpr std::size_t largest_layer = std::size_t{3} << 30;  // configurations above are skipped
 

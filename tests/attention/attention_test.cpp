@@ -10,11 +10,8 @@ namespace kvcache::testing {
 namespace {
 
 // KVCACHE_FAST_HEAD_DIMS by default: the three fast sizes, every other size portable.
-constexpr int compiled_head_dim(int head_dim) {
-  return attention::dispatch_head_dim(head_dim, [](auto size) { return decltype(size)::value; });
-}
-static_assert(compiled_head_dim(64) == 64 && compiled_head_dim(128) == 128 && compiled_head_dim(256) == 256 &&
-              compiled_head_dim(96) == 0 && compiled_head_dim(8) == 0);
+static_assert(attention::has_fast_kernels(64) && attention::has_fast_kernels(128) && attention::has_fast_kernels(256) &&
+              !attention::has_fast_kernels(96) && !attention::has_fast_kernels(8));
 
 // Bounds on relative_error() against the oracle run on the original float K/V, i.e. including
 // the rounding of K/V to the storage type: four unit roundoffs u of the type (f16 u = 2^-11,

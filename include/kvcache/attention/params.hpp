@@ -55,6 +55,11 @@ constexpr decltype(auto) dispatch_head_dim(int head_dim, F&& f) {
   return detail::dispatch_head_dim_in<KVCACHE_FAST_HEAD_DIMS>(head_dim, std::forward<F>(f));
 }
 
+// Whether this build has fast CPU kernels for head_dim (it is in KVCACHE_FAST_HEAD_DIMS).
+constexpr bool has_fast_kernels(int head_dim) {
+  return dispatch_head_dim(head_dim, [](auto size) { return decltype(size)::value != 0; });
+}
+
 }  // namespace attention
 
 KVCACHE_END_NAMESPACE

@@ -27,8 +27,6 @@
 #ifndef KVCACHE_CUDA_HEAD_DIMS
 #define KVCACHE_CUDA_HEAD_DIMS 64, 128, 256
 #endif
-#define KVCACHE_CUDA_TEXT_OF(...) #__VA_ARGS__
-#define KVCACHE_CUDA_TEXT(...) KVCACHE_CUDA_TEXT_OF(__VA_ARGS__)
 
 KVCACHE_BEGIN_NAMESPACE
 
@@ -200,6 +198,8 @@ inline Workspace& workspace() {
 
 // attention::dispatch_head_dim for the CUDA kernels (KVCACHE_CUDA_HEAD_DIMS): any other
 // head_dim throws.
+#define KVCACHE_CUDA_TEXT_OF(...) #__VA_ARGS__
+#define KVCACHE_CUDA_TEXT(...) KVCACHE_CUDA_TEXT_OF(__VA_ARGS__)
 template <class F>
 void dispatch_head_dim(int head_dim, F&& f) {
   attention::detail::dispatch_head_dim_in<KVCACHE_CUDA_HEAD_DIMS>(head_dim, [&](auto head_dim_constant) {
@@ -211,6 +211,8 @@ void dispatch_head_dim(int head_dim, F&& f) {
       f(head_dim_constant);
   });
 }
+#undef KVCACHE_CUDA_TEXT
+#undef KVCACHE_CUDA_TEXT_OF
 
 }  // namespace attention::cuda::detail
 
