@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -52,14 +53,16 @@ struct GenerationStats {
   std::size_t bytes_capacity = 0;
 };
 
-template <class Cache>
 class Generator {
  public:
   // on_text(prompt index, text) is called as each piece of text is produced.
   using TextCallback = std::function<void(std::size_t, const std::string&)>;
 
+  // Generates into `cache`, a KVCache (through CacheOf, so that the generator compiles once).
+  template <class Cache>
   Generator(Transformer& model, const Tokenizer& tokenizer, Cache& cache, GenerationOptions options)
-      : model_(model), tokenizer_(tokenizer), cache_(cache), options_(options) {}
+      : model_(model), tokenizer_(tokenizer), access_(std::make_unique<CacheOf<Cache>>(cache)), cache_(*access_),
+        options_(options) {}
 
   // Throws kvcache::Error{out_of_range} before running anything if a prompt does not fit the
   // model's context.
@@ -219,7 +222,8 @@ class Generator {
 
   Transformer& model_;
   const Tokenizer& tokenizer_;
-  Cache& cache_;
+  std::unique_ptr<CacheAccess> access_;
+  CacheAccess& cache_;
   GenerationOptions options_;
   GenerationStats stats_;
   std::vector<float> logits_, batch_logits_;

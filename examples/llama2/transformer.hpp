@@ -7,6 +7,7 @@
 
 #include <Eigen/Core>
 #include <cmath>
+#include <concepts>
 #include <span>
 #include <vector>
 
@@ -22,6 +23,48 @@ struct Feed {
   std::span<const int> tokens;  // at positions [cache.length(seq), + tokens.size())
 };
 
+// The operations of a KVCache that the model and the generator use, behind one interface:
+// the model's layers and the generator then compile once, and only CacheOf below once per cache
+// type (the engine's command line chooses among 46, and each copy of the layers and the
+// generator was most of its compile time).
+class CacheAccess {
+ public:
+  virtual ~CacheAccess() = default;
+  virtual kvcache::SeqId open() = 0;
+  virtual void reserve(kvcache::SeqId seq, int tokens) = 0;
+  virtual void release(kvcache::SeqId seq) = 0;
+  virtual int length(kvcache::SeqId seq) const = 0;
+  virtual kvcache::MemoryStats stats() const = 0;
+  virtual void append(int layer, kvcache::SeqId seq, std::span<const float> k, std::span<const float> v) = 0;
+  virtual void prefill(int layer, kvcache::SeqId seq, std::span<const float> q, std::span<float> out) = 0;
+  virtual void decode(int layer, std::span<const kvcache::SeqId> seqs, std::span<const float> q,
+                      std::span<float> out) = 0;
+};
+
+// CacheAccess to a KVCache, or to a type derived from one that hides its append.
+template <class Cache>
+class CacheOf final : public CacheAccess {
+ public:
+  explicit CacheOf(Cache& cache) : cache_(cache) {}
+  kvcache::SeqId open() override { return cache_.open(); }
+  void reserve(kvcache::SeqId seq, int tokens) override { cache_.reserve(seq, tokens); }
+  void release(kvcache::SeqId seq) override { cache_.release(seq); }
+  int length(kvcache::SeqId seq) const override { return cache_.length(seq); }
+  kvcache::MemoryStats stats() const override { return cache_.stats(); }
+  void append(int layer, kvcache::SeqId seq, std::span<const float> k, std::span<const float> v) override {
+    cache_.append(layer, seq, k, v);
+  }
+  void prefill(int layer, kvcache::SeqId seq, std::span<const float> q, std::span<float> out) override {
+    kvcache::attention::prefill(cache_, layer, seq, q, out);
+  }
+  void decode(int layer, std::span<const kvcache::SeqId> seqs, std::span<const float> q, std::span<float> out) override {
+    kvcache::attention::decode(cache_, layer, seqs, q, out);
+  }
+
+ private:
+  Cache& cache_;
+};
+
 class Transformer {
  public:
   explicit Transformer(const Checkpoint& checkpoint)
@@ -32,7 +75,12 @@ class Transformer {
   // Runs every layer for all tokens of `feeds` and writes the logits of each feed's last token
   // to logits [feeds][vocab]. @pre the cache has room reserved for every token fed.
   template <class Cache>
+    requires(!std::derived_from<Cache, CacheAccess>)
   void forward(Cache& cache, std::span<const Feed> feeds, std::span<float> logits) {
+    CacheOf<Cache> access(cache);
+    forward(access, feeds, logits);
+  }
+  void forward(CacheAccess& cache, std::span<const Feed> feeds, std::span<float> logits) {
     const int dim = config_.dim, kv_dim = config_.kv_dim(), hidden = config_.hidden_dim;
     int rows = 0;
     for (const Feed& feed : feeds) rows += static_cast<int>(feed.tokens.size());
@@ -108,8 +156,7 @@ class Transformer {
 
   // Appends each feed's K/V to the cache, then attention: one batched decode call for the
   // feeds of one token, a chunked prefill for each longer feed.
-  template <class Cache>
-  void attend(Cache& cache, int layer, std::span<const Feed> feeds) {
+  void attend(CacheAccess& cache, int layer, std::span<const Feed> feeds) {
     const int dim = config_.dim, kv_dim = config_.kv_dim();
     att_.resize(q_.rows(), dim);
     decode_seqs_.clear();
@@ -125,8 +172,8 @@ class Transformer {
         decode_rows_.push_back(row);
       } else {
         const std::size_t offset = static_cast<std::size_t>(row) * dim, size = static_cast<std::size_t>(n) * dim;
-        kvcache::attention::prefill(cache, layer, feed.seq, std::span<const float>(q_.data() + offset, size),
-                                    std::span<float>(att_.data() + offset, size));
+        cache.prefill(layer, feed.seq, std::span<const float>(q_.data() + offset, size),
+                      std::span<float>(att_.data() + offset, size));
       }
       row += n;
     }
@@ -134,9 +181,9 @@ class Transformer {
     decode_q_.resize(static_cast<Eigen::Index>(decode_rows_.size()), dim);
     for (std::size_t i = 0; i < decode_rows_.size(); ++i) decode_q_.row(static_cast<Eigen::Index>(i)) = q_.row(decode_rows_[i]);
     decode_out_.resize(decode_q_.rows(), dim);
-    kvcache::attention::decode(cache, layer, decode_seqs_,
-                               std::span<const float>(decode_q_.data(), static_cast<std::size_t>(decode_q_.size())),
-                               std::span<float>(decode_out_.data(), static_cast<std::size_t>(decode_out_.size())));
+    cache.decode(layer, decode_seqs_,
+                 std::span<const float>(decode_q_.data(), static_cast<std::size_t>(decode_q_.size())),
+                 std::span<float>(decode_out_.data(), static_cast<std::size_t>(decode_out_.size())));
     for (std::size_t i = 0; i < decode_rows_.size(); ++i) att_.row(decode_rows_[i]) = decode_out_.row(static_cast<Eigen::Index>(i));
   }
 
