@@ -58,7 +58,7 @@ case "$command" in
   asan)
     # Only what ctest runs: the example programs (compiled by `test`) take minutes under the
     # sanitizers and no test runs them.
-    build asan kvcache_tests kvcache_kernel_tests llama2_tests print_block_hashes
+    build asan kvcache_test_programs
     ctest --preset asan -j "$jobs"
     ;;
   avx2)
