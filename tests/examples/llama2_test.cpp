@@ -87,6 +87,9 @@ TEST_P(Llama2Reproduces, ReferenceCases) {
     // plain build all of them: its cost grows with the cube of the length (with the cases of
     // 128 positions too, its two halves took 95 s under ASan; without, 18 s).
     if (choice.policy == "none" && reference["steps"].integer() > 64) continue;
+    // The caches run only the cases of 512 positions: the shorter cases' tokens are their
+    // prefixes (same prompts, greedy), so they add time, not paths (contiguous: 26 -> 17 s).
+    if (choice.policy != "none" && reference["steps"].integer() < 512) continue;
 #endif
     SCOPED_TRACE(choice.policy + " " + reference["case"].str());
     const Outcome run = generate(choice, {reference["prompt"].str()}, greedy(reference["steps"].integer()));
