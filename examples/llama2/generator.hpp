@@ -61,7 +61,7 @@ class Generator {
   // Generates into `cache`, a KVCache (through CacheOf, so that the generator compiles once).
   template <class Cache>
   Generator(Transformer& model, const Tokenizer& tokenizer, Cache& cache, GenerationOptions options)
-      : model_(model), tokenizer_(tokenizer), access_(std::make_unique<CacheOf<Cache>>(cache)), cache_(*access_),
+      : model_(model), tokenizer_(tokenizer), cache_(std::make_unique<CacheOf<Cache>>(cache)),
         options_(options) {}
 
   // Throws kvcache::Error{out_of_range} before running anything if a prompt does not fit the
@@ -79,7 +79,7 @@ class Generator {
       waiting.push_back(i);
     }
     stats_ = {};
-    stats_.bytes_capacity = cache_.stats().bytes_capacity;
+    stats_.bytes_capacity = cache_->stats().bytes_capacity;
     const auto start = Clock::now();
     std::vector<Running> running;
     while (!waiting.empty() || !running.empty()) {
@@ -125,17 +125,17 @@ class Generator {
   std::span<float> feed(Running& r, std::span<const int> tokens) {
     logits_.resize(static_cast<std::size_t>(model_.config().vocab_size));
     if (options_.mode == KVMode::cached) {
-      if (!r.seq) r.seq = cache_.open();
-      cache_.reserve(*r.seq, static_cast<int>(tokens.size()));
+      if (!r.seq) r.seq = cache_->open();
+      cache_->reserve(*r.seq, static_cast<int>(tokens.size()));
       const Feed step{*r.seq, tokens};
-      model_.forward(cache_, std::span<const Feed>(&step, 1), logits_);
+      model_.forward(*cache_, std::span<const Feed>(&step, 1), logits_);
     } else {
       r.history.insert(r.history.end(), tokens.begin(), tokens.end());
-      const kvcache::SeqId scratch = cache_.open();
-      cache_.reserve(scratch, static_cast<int>(r.history.size()));
+      const kvcache::SeqId scratch = cache_->open();
+      cache_->reserve(scratch, static_cast<int>(r.history.size()));
       const Feed step{scratch, r.history};
-      model_.forward(cache_, std::span<const Feed>(&step, 1), logits_);
-      cache_.release(scratch);
+      model_.forward(*cache_, std::span<const Feed>(&step, 1), logits_);
+      cache_->release(scratch);
     }
     return logits_;
   }
@@ -170,11 +170,11 @@ class Generator {
     }
     feeds_.clear();
     for (Running& r : running) {
-      cache_.reserve(*r.seq, 1);
+      cache_->reserve(*r.seq, 1);
       feeds_.push_back({*r.seq, std::span<const int>(&r.token, 1)});
     }
     batch_logits_.resize(running.size() * static_cast<std::size_t>(vocab));
-    model_.forward(cache_, feeds_, batch_logits_);
+    model_.forward(*cache_, feeds_, batch_logits_);
     sample_stats();
     for (std::size_t i = 0; i < running.size(); ++i) {
       Running& r = running[i];
@@ -210,20 +210,19 @@ class Generator {
   }
 
   void finish(Running& r) {
-    if (r.seq) cache_.release(*r.seq);
+    if (r.seq) cache_->release(*r.seq);
     r.seq.reset();
   }
 
   void sample_stats() {
-    const kvcache::MemoryStats memory = cache_.stats();
+    const kvcache::MemoryStats memory = cache_->stats();
     stats_.peak_bytes_used = std::max(stats_.peak_bytes_used, memory.bytes_used);
     stats_.peak_bytes_reserved = std::max(stats_.peak_bytes_reserved, memory.bytes_reserved);
   }
 
   Transformer& model_;
   const Tokenizer& tokenizer_;
-  std::unique_ptr<CacheAccess> access_;
-  CacheAccess& cache_;
+  std::unique_ptr<CacheAccess> cache_;
   GenerationOptions options_;
   GenerationStats stats_;
   std::vector<float> logits_, batch_logits_;
