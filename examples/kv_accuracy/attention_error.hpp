@@ -91,14 +91,16 @@ inline double relative_error(std::span<const float> out, std::span<const float> 
 
 // Appends `rows` to an f32 cache and a DType cache as a decode loop would, and at each length
 // of `decode_lengths` (ascending) runs `queries` decode calls per layer with N(0, 1) queries,
-// the same for both caches (and, for a given seed, for every DType).
+// the same for both caches (and, for a given seed, for every DType). key_offsets go to the
+// DType cache (KVCache's constructor).
 template <class DType>
-ErrorSummary decode_error(const KVRows& rows, std::span<const int> decode_lengths, int queries, std::uint64_t seed) {
+ErrorSummary decode_error(const KVRows& rows, std::span<const int> decode_lengths, int queries, std::uint64_t seed,
+                          std::span<const float> key_offsets = {}) {
   using namespace kvcache;
   // Room in whole groups of 32 tokens, which int4 stores keys in.
   const Contiguous layout{.max_sequences = 1, .max_tokens = (rows.tokens + 31) / 32 * 32};
   KVCache<Contiguous, f32> reference(rows.shape, layout);
-  KVCache<Contiguous, DType> cache(rows.shape, layout);
+  KVCache<Contiguous, DType> cache(rows.shape, layout, key_offsets);
   const SeqId reference_seq = reference.open(), seq = cache.open();
   reference.reserve(reference_seq, rows.tokens);
   cache.reserve(seq, rows.tokens);

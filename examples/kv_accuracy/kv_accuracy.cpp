@@ -10,7 +10,10 @@
 // scale per row, that is per token and kv-head; int4: keys per channel over groups of 32
 // tokens, values per row; int4 and the residual types keep the newest tokens of each sequence
 // in full precision until 32 of them are quantized together). The f32 row checks the harness
-// itself: it must show KLD 0, agreement 100% and every greedy case exact.
+// itself: it must show KLD 0, agreement 100% and every greedy case exact. The rows named
+// "+offset" measure bf16, int8, fp8, int4 and the residual types again on caches built with key
+// offsets (KVCache's constructor): each key channel's mean over a calibration text, the story
+// of sampled.jsonl, which is none of the reference texts.
 //
 // Columns, per element type:
 //   KLD       mean KL(P_f32 || P_dtype) of the next-token distributions, in nats. Teacher
@@ -21,7 +24,7 @@
 //   KLD K, KLD V   the same KLD with only the keys (only the values) rounded as this type
 //             stores them and the other half exact (an f32 cache fed rounded rows): which half
 //             of the cache the loss comes from. "-" for int4, whose keys are rounded a group
-//             of tokens at a time, not row by row, and for the residual types
+//             of tokens at a time, not row by row, for the residual types, and for +offset
 //   KLD W32, W32 (top1%)   KLD and agreement with the newest 32 tokens of each sequence in full
 //             precision and only older ones rounded (a full-precision window, as int4's
 //             residual rows are): how much of the loss the newest keys carry. "-" where KLD K is
@@ -67,6 +70,7 @@
 #include "attention_error.hpp"
 #include "llama2/checkpoint.hpp"
 #include "llama2/generator.hpp"
+#include "llama2/jsonl.hpp"
 #include "llama2/tokenizer.hpp"
 #include "llama2/transformer.hpp"
 #include "reference_cases.hpp"
@@ -192,11 +196,13 @@ class RecentExactCache : public kvcache::KVCache<kvcache::Contiguous, kvcache::f
 // forward call per position, as a server decodes; f32 is computed the same way, so batching
 // cannot show up as a difference.
 template <class Cache>
-std::vector<Logits> forced_logits(llama2::Transformer& model, const std::vector<std::vector<int>>& inputs) {
+std::vector<Logits> forced_logits(llama2::Transformer& model, const std::vector<std::vector<int>>& inputs,
+                                  std::span<const float> key_offsets = {}) {
   const llama2::Config& config = model.config();
   Cache cache(
       config.kv_shape(),
-      kvcache::Contiguous{.max_sequences = static_cast<int>(inputs.size()), .max_tokens = config.seq_len});
+      kvcache::Contiguous{.max_sequences = static_cast<int>(inputs.size()), .max_tokens = config.seq_len},
+      key_offsets);
   const std::size_t vocab = static_cast<std::size_t>(config.vocab_size);
   std::vector<Logits> all;
   std::vector<kvcache::SeqId> seqs;
@@ -301,7 +307,7 @@ int first_difference(const std::vector<int>& a, const std::vector<int>& b) {
 // one batch (a sequence's tokens do not depend on its batch; llama2_test checks that).
 template <class DType>
 GreedyMetrics greedy_agreement(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
-                               const std::vector<ReferenceCase>& cases) {
+                               const std::vector<ReferenceCase>& cases, std::span<const float> key_offsets) {
   std::map<int, std::vector<std::size_t>> cases_by_steps;
   for (std::size_t i = 0; i < cases.size(); ++i) cases_by_steps[cases[i].steps].push_back(i);
   GreedyMetrics metrics;
@@ -312,7 +318,7 @@ GreedyMetrics greedy_agreement(llama2::Transformer& model, const llama2::Tokeniz
     options.max_batch = static_cast<int>(indices.size());
     kvcache::KVCache<kvcache::Contiguous, DType> cache(
         model.config().kv_shape(),
-        kvcache::Contiguous{.max_sequences = options.max_batch, .max_tokens = model.config().seq_len});
+        kvcache::Contiguous{.max_sequences = options.max_batch, .max_tokens = model.config().seq_len}, key_offsets);
     std::vector<std::string> prompts;
     for (const std::size_t i : indices) prompts.push_back(cases[i].prompt);
     llama2::Generator generator(model, tokenizer, cache, options);
@@ -366,8 +372,27 @@ Baseline make_baseline(llama2::Transformer& model, const std::vector<ReferenceCa
   return baseline;
 }
 
+// Key offsets for KVCache's constructor, [layers][kv_heads][head_dim]: the mean of each key
+// channel of the f32 model over a calibration text, the story in sampled.jsonl (llama2.c's
+// sampled output, none of the reference texts measured here).
+std::vector<float> calibrated_key_offsets(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
+                                          const std::string& model_dir) {
+  const std::vector<llama2::Json> lines = llama2::read_jsonl(model_dir + "/sampled.jsonl");
+  if (lines.empty()) kvcache::detail::fail(kvcache::errc::corrupt_data, "'", model_dir, "/sampled.jsonl' holds no text");
+  const KVRows rows = capture_model_rows(model, tokenizer.encode(lines.front()["text"].str()));
+  const std::size_t row = rows.row_floats();
+  std::vector<float> offsets(rows.k.size() * row, 0.0f);
+  for (std::size_t layer = 0; layer < rows.k.size(); ++layer) {
+    std::vector<double> sums(row, 0.0);
+    for (std::size_t i = 0; i < rows.k[layer].size(); ++i) sums[i % row] += rows.k[layer][i];
+    for (std::size_t i = 0; i < row; ++i) offsets[layer * row + i] = static_cast<float>(sums[i] / rows.tokens);
+  }
+  return offsets;
+}
+
 struct Row {
   std::string dtype;
+  bool key_offsets = false;  // the cache stored keys minus the calibrated offsets
   ForcedMetrics forced;
   double kld_keys_only = std::numeric_limits<double>::quiet_NaN();    // NaN: not measured (int4)
   double kld_values_only = std::numeric_limits<double>::quiet_NaN();
@@ -380,14 +405,17 @@ struct Row {
 
 // Teacher-forced metrics of the model on a Cache, against the f32 cache's.
 template <class Cache>
-ForcedMetrics forced_metrics(llama2::Transformer& model, const std::vector<ReferenceCase>& cases, const Baseline& baseline) {
+ForcedMetrics forced_metrics(llama2::Transformer& model, const std::vector<ReferenceCase>& cases, const Baseline& baseline,
+                             std::span<const float> key_offsets = {}) {
   const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
-  return compare_forced(baseline.logits, forced_logits<Cache>(model, baseline.inputs), cases, vocab);
+  return compare_forced(baseline.logits, forced_logits<Cache>(model, baseline.inputs, key_offsets), cases, vocab);
 }
 
+// key_offsets: the cache's (KVCache's constructor); the K-only, V-only and newest-32-exact
+// columns are measured without them.
 template <class DType>
 Row evaluate(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
-             const std::vector<ReferenceCase>& cases, const Baseline& baseline) {
+             const std::vector<ReferenceCase>& cases, const Baseline& baseline, std::span<const float> key_offsets = {}) {
   const kvcache::ModelShape shape = model.config().kv_shape();
   const int random_lengths[] = {random_tokens};
   std::vector<int> every_length(static_cast<std::size_t>(baseline.model_rows.tokens));
@@ -397,15 +425,18 @@ Row evaluate(llama2::Transformer& model, const llama2::Tokenizer& tokenizer,
   };
   Row row;
   row.dtype = std::string(std::string_view(DType::name));
-  row.forced = forced_metrics<kvcache::KVCache<kvcache::Contiguous, DType>>(model, cases, baseline);
-  if constexpr ((kvcache::FloatElement<DType> || kvcache::QuantizedElement<DType>) && kvcache::residual_tokens<DType> == 0) {
-    row.kld_keys_only = forced_metrics<HalfRoundedCache<DType, Half::keys>>(model, cases, baseline).kld;
-    row.kld_values_only = forced_metrics<HalfRoundedCache<DType, Half::values>>(model, cases, baseline).kld;
-    row.recent_exact = forced_metrics<RecentExactCache<DType, exact_window>>(model, cases, baseline);
-  }
-  row.greedy = greedy_agreement<DType>(model, tokenizer, cases);
+  row.key_offsets = !key_offsets.empty();
+  row.forced = forced_metrics<kvcache::KVCache<kvcache::Contiguous, DType>>(model, cases, baseline, key_offsets);
+  if constexpr ((kvcache::FloatElement<DType> || kvcache::QuantizedElement<DType>) && kvcache::residual_tokens<DType> == 0)
+    if (!row.key_offsets) {
+      row.kld_keys_only = forced_metrics<HalfRoundedCache<DType, Half::keys>>(model, cases, baseline).kld;
+      row.kld_values_only = forced_metrics<HalfRoundedCache<DType, Half::values>>(model, cases, baseline).kld;
+      row.recent_exact = forced_metrics<RecentExactCache<DType, exact_window>>(model, cases, baseline);
+    }
+  row.greedy = greedy_agreement<DType>(model, tokenizer, cases, key_offsets);
+  // Random rows have no channel means (and another shape): no offsets there.
   row.attention_random = decode_error<DType>(baseline.random_rows, random_lengths, random_queries, seed);
-  row.attention_model = decode_error<DType>(baseline.model_rows, every_length, 1, seed);
+  row.attention_model = decode_error<DType>(baseline.model_rows, every_length, 1, seed, key_offsets);
   row.bytes_per_token = kvcache::bytes_per_token<DType>(shape);
   row.bytes_vs_f16 = fraction_of_f16(shape);
   row.llama3_bytes_vs_f16 = fraction_of_f16(llama3_8b);
@@ -430,7 +461,7 @@ std::string format(const char* pattern, double value) {
 }
 
 void print_table(const std::vector<Row>& rows) {
-  std::printf("%-17s %10s %10s %10s %10s %7s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "KLD K",
+  std::printf("%-24s %10s %10s %10s %10s %7s %7s %7s %10s %7s %8s %7s %10s %10s %7s %6s %9s\n", "dtype", "KLD", "KLD K",
               "KLD V", "KLD W32", "top1%", "W32", "NLL", "dNLL",
               "greedy", "div mean", "div min", "attn rand", "attn model", "B/token", "vs f16", "8B vs f16");
   for (const Row& row : rows) {
@@ -438,8 +469,9 @@ void print_table(const std::vector<Row>& rows) {
     const std::string exact = std::to_string(greedy.exact) + "/" + std::to_string(greedy.cases);
     const int minimum = greedy.divergence_min();
     const bool windowed = !std::isnan(row.kld_keys_only);
-    std::printf("%-17s %10.3e %10s %10s %10s %7.2f %7s %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n",
-                row.dtype.c_str(), row.forced.kld, format("%.3e", row.kld_keys_only).c_str(),
+    const std::string name = row.dtype + (row.key_offsets ? "+offset" : "");
+    std::printf("%-24s %10.3e %10s %10s %10s %7.2f %7s %7.4f %10.2e %7s %8s %7s %10.3e %10.3e %7zu %6.3f %9.3f\n",
+                name.c_str(), row.forced.kld, format("%.3e", row.kld_keys_only).c_str(),
                 format("%.3e", row.kld_values_only).c_str(), windowed ? format("%.3e", row.recent_exact.kld).c_str() : "-",
                 100 * row.forced.top1_agreement, windowed ? format("%.2f", 100 * row.recent_exact.top1_agreement).c_str() : "-", row.forced.nll, row.forced.nll_delta, exact.c_str(),
                 format("%.1f", greedy.divergence_mean()).c_str(), minimum < 0 ? "-" : std::to_string(minimum).c_str(),
@@ -463,6 +495,7 @@ std::string json_object(const Row& row) {
   };
   const int minimum = row.greedy.divergence_min();
   field("dtype", "\"" + row.dtype + "\"");
+  field("key_offsets", row.key_offsets ? "true" : "false");
   field("kld", json_number(row.forced.kld));
   field("kld_keys_only", json_number(row.kld_keys_only));
   field("kld_values_only", json_number(row.kld_values_only));
@@ -527,6 +560,14 @@ int main(int argc, char** argv) {
     rows.push_back(evaluate<kvcache::int4_hadamard>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::int8_residual>(model, tokenizer, cases, baseline));
     rows.push_back(evaluate<kvcache::fp8_e4m3_residual>(model, tokenizer, cases, baseline));
+    const std::vector<float> offsets = calibrated_key_offsets(model, tokenizer, options.model_dir);
+    rows.push_back(evaluate<kvcache::bf16>(model, tokenizer, cases, baseline, offsets));
+    rows.push_back(evaluate<kvcache::int8>(model, tokenizer, cases, baseline, offsets));
+    rows.push_back(evaluate<kvcache::fp8_e4m3>(model, tokenizer, cases, baseline, offsets));
+    rows.push_back(evaluate<kvcache::fp8_e5m2>(model, tokenizer, cases, baseline, offsets));
+    rows.push_back(evaluate<kvcache::int4>(model, tokenizer, cases, baseline, offsets));
+    rows.push_back(evaluate<kvcache::int8_residual>(model, tokenizer, cases, baseline, offsets));
+    rows.push_back(evaluate<kvcache::fp8_e4m3_residual>(model, tokenizer, cases, baseline, offsets));
 
     print_summary(checkpoint.config(), cases, baseline, rows.front().forced.positions);
     print_table(rows);

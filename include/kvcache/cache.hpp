@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -72,8 +73,20 @@ class KVCache {
                 "residual types are CPU-only so far: the CUDA kernels do not read full-precision rows");
 
   // Allocates all storage. Throws Error{invalid_configuration} for a bad shape or policy.
-  KVCache(const ModelShape& shape, const Layout& layout)
-      : shape_(validated(shape, layout)),
+  //
+  // key_offsets, [layers][kv_heads][head_dim] or empty: a per-channel offset subtracted from
+  // every key before it is stored (and rounded). Attention does not change, since a query's
+  // scores all move by the same q . offset, which softmax cancels; but rounding does: trained
+  // models' keys carry large per-channel means (in the slowly rotating RoPE pairs), and a
+  // quantized type rounds what is left of a key after its channel means far more finely. The
+  // mean of each channel over some calibration text is a good offset (examples/kv_accuracy
+  // shows how much it saves). Views hold the stored keys, key minus offset, and key_offset (a
+  // layer's offset, in the backend's memory). Soft-capped logits are not shift-invariant, so
+  // attention with AttentionParams::soft_cap > 0 refuses a cache with key offsets.
+  // Throws Error{shape_mismatch} for a size other than layers * kv_heads * head_dim and
+  // Error{invalid_configuration} for a non-finite offset.
+  KVCache(const ModelShape& shape, const Layout& layout, std::span<const float> key_offsets = {})
+      : shape_(validated(shape, layout, key_offsets)),
         layout_(layout),
         book_(layout),
         retention_(layout.retention()),
@@ -85,7 +98,9 @@ class KVCache {
         memory_(allocate(bytes_capacity_), Release{bytes_capacity_}),
         slots_(static_cast<std::size_t>(layout.sequence_slots())),
         layer_state_(static_cast<std::size_t>(layout.sequence_slots()) * shape.layers),
-        device_tables_(make_device_tables(book_, layout.sequence_slots())) {
+        device_tables_(make_device_tables(book_, layout.sequence_slots())),
+        key_offsets_(key_offsets.begin(), key_offsets.end()),
+        device_key_offsets_(upload_key_offsets(key_offsets), Release{device_key_offsets_bytes(key_offsets)}) {
     static_assert(sizeof(storage_type) * 8 == DType::bits * elements_per_unit<storage_type>, "whole elements per unit");
     KVCACHE_ASSERT(scale_bytes_ + 2 * shape.layers * pool_elements_ * sizeof(storage_type) == bytes_capacity_,
                    "the memory math and the layout agree");
@@ -103,6 +118,15 @@ class KVCache {
   const Layout& layout() const { return layout_; }
   // The policy's host bookkeeping, read-only (block tables, pool counts) for inspection.
   const typename Layout::bookkeeping& bookkeeping() const { return book_; }
+
+  // Layer `layer`'s key offsets as given to the constructor, [kv_heads][head_dim]; empty when
+  // the cache has none.
+  std::span<const float> key_offset(int layer) const {
+    check_layer(layer, "key_offset");
+    if (key_offsets_.empty()) return {};
+    return std::span<const float>(key_offsets_).subspan(static_cast<std::size_t>(layer) * layer_offset_floats(),
+                                                        layer_offset_floats());
+  }
 
   int max_sequences() const { return static_cast<int>(slots_.size()); }
   int open_sequences() const { return max_sequences() - static_cast<int>(free_slots_.size()); }
@@ -379,6 +403,7 @@ class KVCache {
     book_.segments(slot, stored, view.first_held, pool(layer, 0), pool(layer, 1), view);
     if constexpr (device_paged) view.block_ids = device_tables_.row(slot);
     view.hadamard = is_hadamard_rotated<DType>;
+    view.key_offset = stored_key_offset(layer);
     if constexpr (quantized) {
       view.k_scale_pool = scale_pool(layer, 0);
       view.v_scale_pool = scale_pool(layer, 1);
@@ -547,9 +572,17 @@ class KVCache {
     int first_held = 0;  // sliding window: positions in [sinks, first_held) were overwritten
   };
 
-  static const ModelShape& validated(const ModelShape& shape, const Layout& layout) {
+  static const ModelShape& validated(const ModelShape& shape, const Layout& layout, std::span<const float> key_offsets) {
     shape.validate();
     layout.validate();
+    const std::size_t offset_floats = static_cast<std::size_t>(shape.layers) * shape.kv_heads * shape.head_dim;
+    if (!key_offsets.empty() && key_offsets.size() != offset_floats)
+      detail::fail(errc::shape_mismatch, "key_offsets has ", key_offsets.size(),
+                   " floats; it must be empty or layers * kv_heads * head_dim = ", offset_floats);
+    for (std::size_t i = 0; i < key_offsets.size(); ++i)
+      if (!std::isfinite(key_offsets[i]))
+        detail::fail(errc::invalid_configuration, "key_offsets[", i, "] = ", key_offsets[i],
+                     " (layer ", i / (offset_floats / shape.layers), "); every key offset must be finite");
     if (is_hadamard_rotated<DType> && (shape.head_dim & (shape.head_dim - 1)) != 0)
       detail::fail(errc::invalid_configuration, "head_dim = ", shape.head_dim, " must be a power of two for ",
                    DType::name, ": the Hadamard rotation needs one");
@@ -680,6 +713,7 @@ class KVCache {
         target.k_scale_pool = scale_pool(layer, 0);
         target.v_scale_pool = scale_pool(layer, 1);
       }
+      target.k_offset = stored_key_offset(layer);
       for (int first = 0; first < n; first += chunk) {
         const int count = std::min(chunk, n - first);
         for (int i = 0; i < count; ++i) rows[i] = row_of(first + i);
@@ -692,8 +726,8 @@ class KVCache {
         for (int head = 0; head < shape_.kv_heads; ++head) {
           const std::size_t source = token * row + static_cast<std::size_t>(head) * shape_.head_dim;
           const std::size_t target = row_offset(at.page, head, at.row);
-          store_row(layer, 0, target, k + source);
-          store_row(layer, 1, target, v + source);
+          store_row(layer, 0, target, k + source, key_offset_row(layer, head));
+          store_row(layer, 1, target, v + source, nullptr);
         }
       }
     }
@@ -744,18 +778,56 @@ class KVCache {
   }
   int row_units() const { return shape_.head_dim / elements_per_unit<storage_type>; }
 
-  // Converts one row of head_dim input values into the pool at element offset `target`.
+  // Converts one row of head_dim input values, minus `offset` (null: none), into the pool at
+  // element offset `target`.
   template <class In>
-  void store_row(int layer, int kind, std::size_t target, const In* row) {
+  void store_row(int layer, int kind, std::size_t target, const In* row, const float* offset) {
     if constexpr (quantized) {
       alignas(64) float values[ModelShape::max_head_dim];
-      for (int d = 0; d < shape_.head_dim; ++d) values[d] = to_float(row[d]);
+      to_floats(row, offset, values);
       if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(values, shape_.head_dim);
       quantize_row(layer, kind, target, values);
     } else {
       storage_type* stored = pool(layer, kind) + target;
-      for (int d = 0; d < shape_.head_dim; ++d) stored[d] = DType::from_float(to_float(row[d]));
+      for (int d = 0; d < shape_.head_dim; ++d) stored[d] = DType::from_float(to_float(row[d]) - (offset ? offset[d] : 0.0f));
     }
+  }
+  // out[d] = row[d] - offset[d] (offset null: 0) as floats, for the head_dim elements of a row.
+  template <class In>
+  void to_floats(const In* row, const float* offset, float* out) const {
+    for (int d = 0; d < shape_.head_dim; ++d) out[d] = to_float(row[d]) - (offset ? offset[d] : 0.0f);
+  }
+
+  // ---- key offsets ----
+
+  std::size_t layer_offset_floats() const { return static_cast<std::size_t>(shape_.kv_heads) * shape_.head_dim; }
+  // The host's copy of kv-head `head`'s offset in `layer`; null when the cache has none.
+  const float* key_offset_row(int layer, int head) const {
+    if (key_offsets_.empty()) return nullptr;
+    return key_offsets_.data() + static_cast<std::size_t>(layer) * layer_offset_floats() +
+           static_cast<std::size_t>(head) * shape_.head_dim;
+  }
+  // Layer's offsets, [kv_heads][head_dim], in the backend's memory (what views and append
+  // kernels read); null when the cache has none.
+  const float* stored_key_offset(int layer) const {
+    if (key_offsets_.empty()) return nullptr;
+    if constexpr (B::host_accessible) return key_offset_row(layer, 0);
+    else return reinterpret_cast<const float*>(device_key_offsets_.get()) + static_cast<std::size_t>(layer) * layer_offset_floats();
+  }
+  static std::size_t device_key_offsets_bytes(std::span<const float> key_offsets) {
+    return B::host_accessible ? 0 : key_offsets.size_bytes();
+  }
+  // A device backend's copy of the offsets (null on a host backend, or without offsets).
+  static std::byte* upload_key_offsets(std::span<const float> key_offsets) {
+    if (device_key_offsets_bytes(key_offsets) == 0) return nullptr;
+    std::byte* memory = allocate(key_offsets.size_bytes());
+    try {
+      B::upload(memory, key_offsets.data(), key_offsets.size_bytes());
+    } catch (...) {
+      B::deallocate(memory, key_offsets.size_bytes());
+      throw;
+    }
+    return memory;
   }
   // Row-quantized types: quantizes head_dim floats (rotated already, for rotated types) into the
   // pool at element offset `target`, and its scale beside.
@@ -795,7 +867,7 @@ class KVCache {
       float* rows = residual(slot, layer, kind);
       for (int head = 0; head < shape_.kv_heads; ++head) {
         float* target = rows + (static_cast<std::size_t>(head) * group_tokens + group_row) * shape_.head_dim;
-        for (int d = 0; d < shape_.head_dim; ++d) target[d] = to_float(source[head * shape_.head_dim + d]);
+        to_floats(source + head * shape_.head_dim, kind == 0 ? key_offset_row(layer, head) : nullptr, target);
         if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(target, shape_.head_dim);
       }
     }
@@ -909,6 +981,8 @@ class KVCache {
   std::vector<int> batch_slots_ = std::vector<int>(slots_.size());    // [max_sequences] a batch append's slots
   std::vector<char> batch_marks_ = std::vector<char>(slots_.size());  // [max_sequences] duplicates check
   std::vector<float> residual_;  // staged types: [max_sequences][layers][K, V] residual rows
+  std::vector<float> key_offsets_;  // [layers][kv_heads][head_dim], or empty: no offsets
+  std::unique_ptr<std::byte, Release> device_key_offsets_;  // device backends: a copy kernels read
 };
 
 KVCACHE_END_NAMESPACE

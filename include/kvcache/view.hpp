@@ -64,6 +64,10 @@ struct SequenceView {
   int sink_tokens = 0;
   int first_held = 0;    // positions in [sink_tokens, first_held) are no longer stored
   bool hadamard = false;  // rows are stored rotated by the Hadamard matrix (dtype/hadamard.hpp)
+  // [kv_heads][head_dim] subtracted from every key before it was stored (the cache's key
+  // offset of this layer, KVCache's constructor); null: none. Scores are shift-invariant under
+  // softmax, so kernels may ignore it unless they soft-cap logits.
+  const float* key_offset = nullptr;
   // Group-quantized types (int4): rows per K parameter group.
   int group_tokens = 0;
   // Group-quantized and residual types: positions [length - residual.count, length) in full

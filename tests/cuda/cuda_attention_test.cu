@@ -84,8 +84,9 @@ struct Twin {
   DeviceCache device;
   std::vector<SeqId> seqs;  // the same handles in both caches
 
-  explicit Twin(const ModelShape& model, const Layout& layout = make_layout<Layout>())
-      : shape(model), host(model, layout), device(model, layout) {}
+  explicit Twin(const ModelShape& model, const Layout& layout = make_layout<Layout>(),
+                std::span<const float> key_offsets = {})
+      : shape(model), host(model, layout, key_offsets), device(model, layout, key_offsets) {}
 
   // The two backends agree up to float rounding, and up to the CPU's rounding of queries and
   // weights where it dots integer codes (attention::cpu::uses_integer_dot_products; the bound of
@@ -374,6 +375,26 @@ TEST(CudaBackend, QuantizedRowsOfOddShapes) {
   for (int length : {37, 5, 20}) twin.append(rng, twin.open(), length);
   twin.expect_same_rows();
   twin.expect_same_decode(rng, 2, twin.seqs);
+}
+
+// Key offsets: the append kernel subtracts the same offsets (uploaded by the constructor) as
+// the CPU does, so the stored rows and the attention agree.
+TEST(CudaBackend, KeyOffsetsAreSubtractedLikeOnTheCpu) {
+  std::mt19937 rng(19);
+  const ModelShape shape{.layers = 2, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
+  const std::vector<float> offsets = random_values(rng, 2 * 2 * 64, 20.0f);
+  Twin<Paged<16>, int8> quantized(shape, make_layout<Paged<16>>(), offsets);
+  Twin<Contiguous, f16> halves(shape, make_layout<Contiguous>(), offsets);
+  for (int length : {1, 40}) {
+    quantized.append(rng, quantized.open(), length);
+    halves.append(rng, halves.open(), length);
+  }
+  quantized.append_step(rng);
+  halves.append_step(rng);
+  quantized.expect_same_rows();
+  halves.expect_same_rows();
+  quantized.expect_same_decode(rng, 1, quantized.seqs);
+  halves.expect_same_decode(rng, 0, halves.seqs);
 }
 
 TEST(CudaBackend, UnsupportedHeadDimIsAClearError) {

@@ -43,6 +43,7 @@ struct RowTarget {
   int head_dim = 0;
   float* k_scale_pool = nullptr;  // quantized types: one scale per row, [kv_head][page][page_tokens]
   float* v_scale_pool = nullptr;
+  const float* k_offset = nullptr;  // [kv_heads][head_dim] subtracted from each key row first; null: none
 };
 
 // Which positions a policy keeps. With ring_tokens > 0 only the sink_tokens first positions

@@ -1,8 +1,9 @@
 // backend::cuda::store_rows: the append kernel. One thread block per (new token, kv-head)
-// converts that row of K and of V to the cache's element type and writes it to its page row;
-// a quantized row is scaled and encoded by one thread, with the CPU's own row quantizer, after
-// a thread per candidate scale has weighed its rounding error (dtype/scale_search.hpp, the
-// same sums in the same order as the CPU's), so both backends store the same codes and scales.
+// converts that row of K (minus the cache's key offset, if any) and of V to the cache's element
+// type and writes it to its page row; a quantized row is scaled and encoded by one thread, with
+// the CPU's own row quantizer, after a thread per candidate scale has weighed its rounding error
+// (dtype/scale_search.hpp, the same sums in the same order as the CPU's), so both backends store
+// the same codes and scales.
 // The page rows travel in the launch's parameters, so an append copies nothing to the device
 // first; included by backend/cuda.hpp when nvcc compiles.
 #pragma once
@@ -35,12 +36,15 @@ __global__ void store_rows_kernel(RowTarget<typename DType::storage_type> target
   const std::size_t stored =
       ((static_cast<std::size_t>(head) * target.page_count + at.page) * target.page_tokens + at.row) * head_dim;
   const std::size_t source = (static_cast<std::size_t>(token) * target.kv_heads + head) * head_dim;
+  const float* key_offset = target.k_offset ? target.k_offset + static_cast<std::size_t>(head) * head_dim : nullptr;
   if constexpr (QuantizedElement<DType>) {
     __shared__ float row[ModelShape::max_head_dim];
     const std::span<const float> values(row, head_dim);
     for (int kind = 0; kind < 2; ++kind) {
       const In* input = (kind == 0 ? k : v) + source;
-      for (std::size_t d = threadIdx.x; d < head_dim; d += blockDim.x) row[d] = to_float(input[d]);
+      const float* offset = kind == 0 ? key_offset : nullptr;
+      for (std::size_t d = threadIdx.x; d < head_dim; d += blockDim.x)
+        row[d] = to_float(input[d]) - (offset ? offset[d] : 0.0f);
       __syncthreads();
       float scale = 0.0f;  // thread 0's
       if constexpr (ScaleSearchingElement<DType>) {
@@ -70,7 +74,7 @@ __global__ void store_rows_kernel(RowTarget<typename DType::storage_type> target
     }
   } else {
     for (std::size_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-      target.k_pool[stored + d] = DType::from_float(to_float(k[source + d]));
+      target.k_pool[stored + d] = DType::from_float(to_float(k[source + d]) - (key_offset ? key_offset[d] : 0.0f));
       target.v_pool[stored + d] = DType::from_float(to_float(v[source + d]));
     }
   }
