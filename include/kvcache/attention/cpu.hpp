@@ -72,21 +72,41 @@ inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges
 template <class Storage>
 concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 
-// Key rows per softmax update. Passes of up to 4 heads (decode) are bound by memory: as many
-// rows as make 2 KiB of K (at least 8), so that a tile of K and V and the next one's
-// (prefetched) stay in L1. Shorter tiles keep more of the next rows in flight while the
-// current ones are computed: against 4 KiB, one thread at T = 16k, Llama-3-8B, 1.05x faster
-// for f16, 1.08x for bf16, 1.13x for int8, 1.24x for fp8_e4m3 (1.04-1.16x on two threads);
-// 1 KiB was 1.25x slower for int8, whose tile of 8 rows is then mostly the softmax update.
-// Group-quantized keys (int4) take 4 KiB: 1.03x faster than 2 KiB, each tile's softmax update
-// costing latency that the next tile's work cannot hide (64 rows of 64 bytes: 39.8 -> 36.6
-// cycles per row in L2 against 32). Passes of more heads (prefill, MQA) are bound by the FMAs
-// and load and store their accumulators once per tile: 32 rows (f32 prefill measured 0.25 of
-// the FMA peak with 8 rows, 0.53 with 32).
+// Key rows per softmax update. Passes of up to 4 heads (decode) are bound by memory, and the
+// next tile's rows are requested while a tile is computed, so the tile sets how far ahead the
+// requests run. Row types take row_tile_bytes() of K (at least 8 rows), which depends on the
+// CPU. On the Sapphire Rapids Xeon, 2 KiB, so that a tile of K and V and the next one's stay in
+// L1: against 4 KiB, one thread at T = 16k, Llama-3-8B, 1.05x faster for f16, 1.08x for bf16,
+// 1.13x for int8, 1.24x for fp8_e4m3 (1.04-1.16x on two threads); 1 KiB was 1.25x slower for
+// int8, whose tile of 8 rows is then mostly the softmax update. On AMD EPYCs, whose cores read
+// about twice as fast (42 against 18 GB/s), 4 KiB: on a Zen 5 one, three runs against 2 KiB
+// (T = 16k and 4k, one and two threads, contiguous and paged) found f16 1.05-1.44x faster in
+// all 16 cases and bf16 faster in 9 of 10 (up to 1.37x), f32, int8 and fp8_e4m3 about even
+// (0.87-1.16x the time, either way in each); 8 KiB was 1.1-1.5x slower than 4 KiB, and the
+// 2 KiB change had made f16 1.13-1.20x slower there. Group-quantized keys (int4) take 4 KiB:
+// 1.03x faster than 2 KiB on the Xeon, each tile's softmax update costing latency that the
+// next tile's work cannot hide (64 rows of 64 bytes: 39.8 -> 36.6 cycles per row in L2 against
+// 32). Passes of more heads (prefill, MQA) are bound by the FMAs and load and store their
+// accumulators once per tile: 32 rows (f32 prefill measured 0.25 of the FMA peak with 8 rows,
+// 0.53 with 32).
 inline constexpr int product_rows = 32;  // rows per tile of a pass of more than 4 heads
 
-inline constexpr int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized) {
-  const std::size_t tile_bytes = group_quantized ? 4096 : 2048;
+// K bytes per decode tile of a row type (above): 4 KiB on AMD processors, 2 KiB elsewhere,
+// and in files nvcc compiles (its front end need not know GCC's CPU builtins).
+inline std::size_t row_tile_bytes() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__CUDACC__)
+  static const std::size_t bytes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") ? std::size_t{4096} : std::size_t{2048};
+  }();
+  return bytes;
+#else
+  return 2048;
+#endif
+}
+
+inline int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized) {
+  const std::size_t tile_bytes = group_quantized ? 4096 : row_tile_bytes();
   return heads > 4 ? product_rows : static_cast<int>(std::clamp<std::size_t>(tile_bytes / row_bytes, 8, tile_rows));
 }
 
