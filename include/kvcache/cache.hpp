@@ -782,14 +782,14 @@ class KVCache {
   // element offset `target`.
   template <class In>
   void store_row(int layer, int kind, std::size_t target, const In* row, const float* offset) {
+    alignas(64) float values[ModelShape::max_head_dim];
+    to_floats(row, offset, values);
     if constexpr (quantized) {
-      alignas(64) float values[ModelShape::max_head_dim];
-      to_floats(row, offset, values);
       if constexpr (is_hadamard_rotated<DType>) detail::hadamard_transform(values, shape_.head_dim);
       quantize_row(layer, kind, target, values);
     } else {
       storage_type* stored = pool(layer, kind) + target;
-      for (int d = 0; d < shape_.head_dim; ++d) stored[d] = DType::from_float(to_float(row[d]) - (offset ? offset[d] : 0.0f));
+      for (int d = 0; d < shape_.head_dim; ++d) stored[d] = DType::from_float(values[d]);
     }
   }
   // out[d] = row[d] - offset[d] (offset null: 0) as floats, for the head_dim elements of a row.

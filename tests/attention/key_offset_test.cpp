@@ -50,14 +50,7 @@ using KeyOffsetConfigs = ::testing::Types<
     Config<Contiguous, f32>, Config<Paged<16>, f16>, Config<SlidingWindow, bf16>, Config<Contiguous, int8>,
     Config<Paged<16>, fp8_e4m3>, Config<SlidingWindow, fp8_e5m2>, Config<Contiguous, int8_hadamard>,
     Config<Paged<32>, int4>, Config<SlidingWindow, int4>, Config<Paged<32>, int8_residual>>;
-struct OffsetConfigName {
-  template <class C>
-  static std::string GetName(int) {
-    return std::string(C::Layout::name) + std::to_string(offset_test_layout<typename C::Layout>().page_tokens()) + "_" +
-           std::string(C::DType::name);
-  }
-};
-TYPED_TEST_SUITE(KeyOffsetTest, KeyOffsetConfigs, OffsetConfigName);
+TYPED_TEST_SUITE(KeyOffsetTest, KeyOffsetConfigs, ConfigName);
 
 TYPED_TEST(KeyOffsetTest, BehavesAsKeysMinusOffsetsThroughRandomOperations) {
   using Layout = typename TypeParam::Layout;

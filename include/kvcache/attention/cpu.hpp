@@ -818,8 +818,9 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         scale_queries(q, heads, head_dim, params, q_group, bias);
       scaled_group = params;
     };
+    const int most_rows = rows_per_tile(units * sizeof(S), heads, group_quantized);
     for (int tile = begin, rows = 0; tile < end; tile += rows) {
-      rows = std::min(rows_per_tile(units * sizeof(S), heads, group_quantized), end - tile);
+      rows = std::min(most_rows, end - tile);
       if constexpr (group_quantized && !integer)  // one K group per tile (integer scoring takes them in parts)
         rows = std::min(rows, group_end(tile) - tile);
       const std::size_t first_row = static_cast<std::size_t>(tile - segment.first_position) * units;
