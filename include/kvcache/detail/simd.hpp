@@ -93,6 +93,7 @@ inline floats mul(floats a, floats b) { return _mm512_mul_ps(a, b); }
 inline float sum(floats v) { return _mm512_reduce_add_ps(v); }
 inline floats max(floats a, floats b) { return _mm512_max_ps(a, b); }
 inline float max(floats v) { return _mm512_reduce_max_ps(v); }
+inline bool any_greater(floats a, floats b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
 inline floats abs(floats v) { return _mm512_abs_ps(v); }
 inline floats sub(floats a, floats b) { return _mm512_sub_ps(a, b); }
 inline floats round(floats v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -327,6 +328,7 @@ inline float sum(floats v) {
 }
 
 inline floats max(floats a, floats b) { return _mm256_max_ps(a, b); }
+inline bool any_greater(floats a, floats b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0; }
 inline float max(floats v) {
   const __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
