@@ -151,29 +151,24 @@ TYPED_TEST(KeyOffsetTest, BehavesAsKeysMinusOffsetsThroughRandomOperations) {
 // the keys as given, for decode and chunked prefill, MHA, GQA and MQA.
 TEST(KeyOffset, AttentionEqualsTheOracleOnTheOriginalKeys) {
   std::mt19937 rng(8);
-  struct Heads {
-    int q, kv;
-  };
-  for (const Heads heads : {Heads{4, 4}, Heads{8, 2}, Heads{6, 1}})
-    for (const int head_dim : {64, 40}) {
-      const ModelShape s{1, heads.q, heads.kv, head_dim};
-      const std::size_t row = static_cast<std::size_t>(heads.kv) * head_dim;
-      const Rows offsets = random_values(rng, row, 20.0f);
-      KVCache<Paged<16>, f32> cache(s, make_layout<Paged<16>>(), offsets);
-      std::vector<SeqId> seqs;
-      std::vector<Rows> k, v;
-      const int lengths[] = {1, 17, 40, 64};
-      for (const int length : lengths) {
-        seqs.push_back(cache.open());
-        Rows keys = random_values(rng, length * row);
-        for (std::size_t i = 0; i < keys.size(); ++i) keys[i] += offsets[i % row];
-        k.push_back(keys);
-        v.push_back(random_values(rng, length * row));
-        cache.reserve(seqs.back(), length);
-        cache.append(0, seqs.back(), k.back(), v.back());
-      }
-      expect_attention_equals_oracle(cache, seqs, lengths, k, v, {}, rng, 1e-5);
+  for (const ModelShape& s : oracle_shapes()) {
+    const std::size_t row = static_cast<std::size_t>(s.kv_heads) * s.head_dim;
+    const Rows offsets = random_values(rng, row, 20.0f);
+    KVCache<Paged<16>, f32> cache(s, make_layout<Paged<16>>(), offsets);
+    std::vector<SeqId> seqs;
+    std::vector<Rows> k, v;
+    const int lengths[] = {1, 17, 40, 64};
+    for (const int length : lengths) {
+      seqs.push_back(cache.open());
+      Rows keys = random_values(rng, length * row);
+      for (std::size_t i = 0; i < keys.size(); ++i) keys[i] += offsets[i % row];
+      k.push_back(keys);
+      v.push_back(random_values(rng, length * row));
+      cache.reserve(seqs.back(), length);
+      cache.append(0, seqs.back(), k.back(), v.back());
     }
+    expect_attention_equals_oracle(cache, seqs, lengths, k, v, {}, rng, 1e-5);
+  }
 }
 
 // Keys with large channel means: int8 and fp8_e4m3 round them far less coarsely once offsets

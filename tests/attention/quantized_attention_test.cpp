@@ -34,38 +34,33 @@ TYPED_TEST(QuantizedAttentionTest, AttentionEqualsTheOracleOnDequantizedValues) 
   using C = TypeParam;
   using DType = typename C::DType;
   std::mt19937 rng(21);
-  struct Heads {
-    int q, kv;
-  };
-  for (const Heads heads : {Heads{4, 4}, Heads{8, 2}, Heads{6, 1}})
-    for (const int head_dim : {64, 40}) {
-      if (is_hadamard_rotated<DType> && head_dim == 40) {  // the rotation needs a power of two
-        EXPECT_THROW((KVCache<typename C::Layout, DType>({1, heads.q, heads.kv, 40}, make_layout<typename C::Layout>())), Error);
-        continue;
-      }
-      const ModelShape shape{1, heads.q, heads.kv, head_dim};
-      const auto layout = make_layout<typename C::Layout>();
-      KVCache<typename C::Layout, DType> cache(shape, layout);
-      const std::size_t kv_row = static_cast<std::size_t>(heads.kv) * head_dim;
-      std::vector<SeqId> seqs;
-      std::vector<Rows> k, v;
-      const int lengths[] = {1, 17, 40, 64};
-      for (int length : lengths) {
-        seqs.push_back(cache.open());
-        // Rows of very different magnitudes: per-row scales must keep each one's precision.
-        k.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 1.0f : 30.0f));
-        v.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 0.01f : 3.0f));
-        cache.reserve(seqs.back(), length);
-        cache.append(0, seqs.back(), k.back(), v.back());
-      }
-      std::vector<Rows> k_stored, v_stored;
-      for (std::size_t i = 0; i < seqs.size(); ++i) {
-        k_stored.push_back(stored<DType>(k[i], head_dim));
-        v_stored.push_back(stored<DType>(v[i], head_dim));
-      }
-      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng,
-                                    kernel_bound<typename DType::storage_type>(head_dim));
+  for (const ModelShape& shape : oracle_shapes()) {
+    if (is_hadamard_rotated<DType> && shape.head_dim == 40) {  // the rotation needs a power of two
+      EXPECT_THROW((KVCache<typename C::Layout, DType>(shape, make_layout<typename C::Layout>())), Error);
+      continue;
     }
+    const auto layout = make_layout<typename C::Layout>();
+    KVCache<typename C::Layout, DType> cache(shape, layout);
+    const std::size_t kv_row = static_cast<std::size_t>(shape.kv_heads) * shape.head_dim;
+    std::vector<SeqId> seqs;
+    std::vector<Rows> k, v;
+    const int lengths[] = {1, 17, 40, 64};
+    for (int length : lengths) {
+      seqs.push_back(cache.open());
+      // Rows of very different magnitudes: per-row scales must keep each one's precision.
+      k.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 1.0f : 30.0f));
+      v.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 0.01f : 3.0f));
+      cache.reserve(seqs.back(), length);
+      cache.append(0, seqs.back(), k.back(), v.back());
+    }
+    std::vector<Rows> k_stored, v_stored;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      k_stored.push_back(stored<DType>(k[i], shape.head_dim));
+      v_stored.push_back(stored<DType>(v[i], shape.head_dim));
+    }
+    expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng,
+                                  kernel_bound<typename DType::storage_type>(shape.head_dim));
+  }
 }
 
 // Copy-on-write copies the scales with the codes: a forked paged sequence reads the same values.

@@ -187,52 +187,47 @@ TYPED_TEST(StagedCacheTest, StoresTheReferenceQuantizationAndAttentionEqualsTheO
   using Layout = typename TypeParam::Layout;
   using DType = typename TypeParam::DType;
   std::mt19937 rng(44);
-  struct Heads {
-    int q, kv;
-  };
-  for (const Heads heads : {Heads{4, 4}, Heads{8, 2}, Heads{6, 1}})
-    for (const int head_dim : {64, 40}) {
-      const ModelShape shape{1, heads.q, heads.kv, head_dim};
-      const auto layout = staged_layout<Layout>();
-      KVCache<Layout, DType> cache(shape, layout);
-      const std::size_t kv_row = static_cast<std::size_t>(heads.kv) * head_dim;
-      std::vector<SeqId> seqs;
-      std::vector<Rows> k, v;
-      const int lengths[] = {1, 31, 32, 77, 128};
-      for (int length : lengths) {
-        seqs.push_back(cache.open());
-        // Channels of very different offsets and sizes: per-channel parameters keep each one's precision.
-        Rows keys = random_values(rng, length * kv_row);
-        for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = keys[i] * static_cast<float>(1 + i % 7) + static_cast<float>(i % 5) - 2;
-        k.push_back(keys);
-        v.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 0.01f : 3.0f));
-        cache.reserve(seqs.back(), length);
-        // Appended in pieces: a group fills across calls.
-        for (int done = 0, piece = 1; done < length; done += piece, piece *= 3) {
-          piece = std::min(piece, length - done);
-          cache.append(0, seqs.back(), std::span<const float>(k.back()).subspan(done * kv_row, piece * kv_row),
-                       std::span<const float>(v.back()).subspan(done * kv_row, piece * kv_row));
-        }
+  for (const ModelShape& shape : oracle_shapes()) {
+    const auto layout = staged_layout<Layout>();
+    KVCache<Layout, DType> cache(shape, layout);
+    const std::size_t kv_row = static_cast<std::size_t>(shape.kv_heads) * shape.head_dim;
+    std::vector<SeqId> seqs;
+    std::vector<Rows> k, v;
+    const int lengths[] = {1, 31, 32, 77, 128};
+    for (int length : lengths) {
+      seqs.push_back(cache.open());
+      // Channels of very different offsets and sizes: per-channel parameters keep each one's precision.
+      Rows keys = random_values(rng, length * kv_row);
+      for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = keys[i] * static_cast<float>(1 + i % 7) + static_cast<float>(i % 5) - 2;
+      k.push_back(keys);
+      v.push_back(random_values(rng, length * kv_row, seqs.size() % 2 ? 0.01f : 3.0f));
+      cache.reserve(seqs.back(), length);
+      // Appended in pieces: a group fills across calls.
+      for (int done = 0, piece = 1; done < length; done += piece, piece *= 3) {
+        piece = std::min(piece, length - done);
+        cache.append(0, seqs.back(), std::span<const float>(k.back()).subspan(done * kv_row, piece * kv_row),
+                     std::span<const float>(v.back()).subspan(done * kv_row, piece * kv_row));
       }
-      std::vector<Rows> k_stored, v_stored;
-      for (std::size_t i = 0; i < seqs.size(); ++i) {
-        k_stored.push_back(stored_rows<DType>(k[i], 0, lengths[i], heads.kv, head_dim));
-        v_stored.push_back(stored_rows<DType>(v[i], 1, lengths[i], heads.kv, head_dim));
-        const auto view = cache.view(0, seqs[i]);
-        ASSERT_EQ(view.residual.count, lengths[i] % group);
-        const Rows k_view = view_values(view, 0), v_view = view_values(view, 1);
-        const Mask mask = mask_of(layout);
-        for (int p = 0; p < lengths[i]; ++p) {
-          if (!mask.visible(p, lengths[i] - 1)) continue;  // a window's old positions may be gone
-          for (std::size_t e = 0; e < kv_row; ++e) {
-            ASSERT_EQ(k_view[p * kv_row + e], k_stored[i][p * kv_row + e]) << "K, length " << lengths[i] << ", position " << p;
-            ASSERT_EQ(v_view[p * kv_row + e], v_stored[i][p * kv_row + e]) << "V, length " << lengths[i] << ", position " << p;
-          }
-        }
-      }
-      expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng,
-                                     kernel_bound<typename DType::storage_type>(head_dim));
     }
+    std::vector<Rows> k_stored, v_stored;
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      k_stored.push_back(stored_rows<DType>(k[i], 0, lengths[i], shape.kv_heads, shape.head_dim));
+      v_stored.push_back(stored_rows<DType>(v[i], 1, lengths[i], shape.kv_heads, shape.head_dim));
+      const auto view = cache.view(0, seqs[i]);
+      ASSERT_EQ(view.residual.count, lengths[i] % group);
+      const Rows k_view = view_values(view, 0), v_view = view_values(view, 1);
+      const Mask mask = mask_of(layout);
+      for (int p = 0; p < lengths[i]; ++p) {
+        if (!mask.visible(p, lengths[i] - 1)) continue;  // a window's old positions may be gone
+        for (std::size_t e = 0; e < kv_row; ++e) {
+          ASSERT_EQ(k_view[p * kv_row + e], k_stored[i][p * kv_row + e]) << "K, length " << lengths[i] << ", position " << p;
+          ASSERT_EQ(v_view[p * kv_row + e], v_stored[i][p * kv_row + e]) << "V, length " << lengths[i] << ", position " << p;
+        }
+      }
+    }
+    expect_attention_equals_oracle(cache, seqs, lengths, k_stored, v_stored, mask_of(layout), rng,
+                                   kernel_bound<typename DType::storage_type>(shape.head_dim));
+  }
 }
 
 // A batch append (one token for each of several sequences) stores what one append per sequence

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <kvcache/kvcache.hpp>
@@ -153,6 +154,15 @@ void expect_attention_equals_oracle(Cache& cache, const std::vector<SeqId>& seqs
 }
 
 // ---- the axes ----
+
+// One layer of MHA, GQA and MQA, each with a head_dim the fast kernels take (64) and one only
+// the portable path takes (40): the shapes the oracle tests sweep.
+inline std::vector<ModelShape> oracle_shapes() {
+  std::vector<ModelShape> shapes;
+  for (const auto [q_heads, kv_heads] : {std::pair{4, 4}, std::pair{8, 2}, std::pair{6, 1}})
+    for (const int head_dim : {64, 40}) shapes.push_back({1, q_heads, kv_heads, head_dim});
+  return shapes;
+}
 
 template <class Layout_, class DType_>
 struct Config {
