@@ -218,6 +218,52 @@ const bool ragged_registered = [] {
   return true;
 }();
 
+// Decode's kernel cost, memory aside (named so that --benchmark_filter=Decode leaves it out: it
+// streams nothing from memory): one Llama-3-8B layer of 512 tokens (a kv-head's K and V
+// fit in L2) decoded again and again on one thread. `row_ns`: nanoseconds per token and
+// kv-head (a row of K and one of V for 4 query heads); `fma_fraction`: the FMA-peak time of
+// the fp32 multiply-adds that decode needs (QK and PV) over the time taken. Compare with the
+// same type's Decode/.../threads:1 in the same run: what memory adds on top of the kernel.
+template <class DType>
+void AttentionInCache(benchmark::State& state) {
+  constexpr int tokens = 512;
+  const Roofline& ceiling = roofline(1);
+  const Geometry& g = geometries[0];
+  KVCache<Contiguous, DType> cache({1, g.q_heads, g.kv_heads, g.head_dim}, policy_for<Contiguous>(tokens));
+  const SeqId seq = cache.open();
+  cache.reserve(seq, tokens);
+  const auto k = random_values(static_cast<std::size_t>(tokens) * g.kv_heads * g.head_dim, 1);
+  cache.append(0, seq, k, random_values(k.size(), 2));
+  const auto q = random_values(static_cast<std::size_t>(g.q_heads) * g.head_dim, 3);
+  std::vector<float> out(q.size());
+  const SeqId seqs[] = {seq};
+  for (auto _ : state) {
+    attention::decode(cache, 0, seqs, q, out);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double rows = static_cast<double>(tokens) * g.kv_heads;
+  const double flops = 4.0 * g.q_heads * static_cast<double>(tokens) * g.head_dim;
+  using benchmark::Counter;
+  state.counters["tokens"] = tokens;
+  state.counters["threads"] = 1;
+  state.counters["row_ns"] = Counter(rows * 1e-9, Counter::kIsIterationInvariantRate | Counter::kInvert);
+  state.counters["fma_fraction"] = Counter(flops / ceiling.flops_per_second, Counter::kIsIterationInvariantRate);
+}
+template <class DType>
+void register_in_cache() {
+  const std::string name = std::string("AttentionInCache/llama3_8b/contiguous/") + std::string(DType::name) + "/T:512/threads:1";
+  benchmark::RegisterBenchmark(name.c_str(), AttentionInCache<DType>)->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+const bool in_cache_registered = [] {
+  register_in_cache<f32>();
+  register_in_cache<f16>();
+  register_in_cache<bf16>();
+  register_in_cache<int8>();
+  register_in_cache<int4>();
+  return true;
+}();
+
 // The two ceilings themselves, as benchmarks of their own.
 void Roofline_read(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));

@@ -159,7 +159,7 @@ void expect_attention_equals_oracle(Cache& cache, const std::vector<SeqId>& seqs
 // the portable path takes (40): the shapes the oracle tests sweep.
 inline std::vector<ModelShape> oracle_shapes() {
   std::vector<ModelShape> shapes;
-  for (const auto [q_heads, kv_heads] : {std::pair{4, 4}, std::pair{8, 2}, std::pair{6, 1}})
+  for (const auto& [q_heads, kv_heads] : {std::pair{4, 4}, std::pair{8, 2}, std::pair{6, 1}})
     for (const int head_dim : {64, 40}) shapes.push_back({1, q_heads, kv_heads, head_dim});
   return shapes;
 }
