@@ -91,19 +91,23 @@ concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 // 0.53 with 32).
 inline constexpr int product_rows = 32;  // rows per tile of a pass of more than 4 heads
 
-// K bytes per decode tile of a row type (above): 4 KiB on AMD processors, 2 KiB elsewhere,
-// and in files nvcc compiles (its front end need not know GCC's CPU builtins).
-inline std::size_t row_tile_bytes() {
+// Whether this is an AMD processor, whose decode settings differ (row_tile_bytes,
+// rows_asked_in_parts); false in files nvcc compiles (its front end need not know GCC's CPU
+// builtins) and off x86.
+inline bool amd_processor() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__CUDACC__)
-  static const std::size_t bytes = [] {
+  static const bool amd = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("amd") ? std::size_t{4096} : std::size_t{2048};
+    return __builtin_cpu_is("amd") != 0;
   }();
-  return bytes;
+  return amd;
 #else
-  return 2048;
+  return false;
 #endif
 }
+
+// K bytes per decode tile of a row type (above): 4 KiB on AMD processors, 2 KiB elsewhere.
+inline std::size_t row_tile_bytes() { return amd_processor() ? 4096 : 2048; }
 
 inline int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized) {
   const std::size_t tile_bytes = group_quantized ? 4096 : row_tile_bytes();
@@ -168,8 +172,18 @@ inline void prefetch_row(const Storage* row) {
 // pass test per part, MQA f32 decode was 1.29x slower. The two ways stay side by side in the
 // kernels, the whole row asked before its loads: folded into one call after them, f16 and f32
 // decode measured 1.2x slower and MQA f32 1.18x.
+// That was the Sapphire Rapids Xeon. On the Zen 5 EPYC whole rows are faster
+// (rows_asked_in_parts): f32 in L2 (AttentionInCache) 0.71-0.73 of the time; from memory at
+// T = 4k and 16k, contiguous and paged, one and two threads (one run, medians of 3 alternating
+// rounds), Llama-3-8B f32 0.82-1.01 of the time (7 of 8 below 0.97), Llama-2-7B 0.93-1.06.
+// The kernels take the choice as a template argument: tested inside their loops, it kept
+// f32 in L2 at 0.95.
 template <int HeadDim, class Storage>
-inline constexpr bool ask_in_parts = row_bytes<HeadDim, Storage> >= 512;
+inline constexpr bool may_ask_in_parts = row_bytes<HeadDim, Storage> >= 512;
+template <int HeadDim, class Storage>
+bool ask_in_parts(int passes) {
+  return may_ask_in_parts<HeadDim, Storage> && passes == 1 && !amd_processor();
+}
 
 // The rows of the tile a pass reads next (null: none), shared out among the passes over one
 // tile's chunks of heads: this pass asks for the rows r with r % passes == pass. Where the
@@ -268,13 +282,12 @@ void softmax_tile(float (*scores)[tile_rows], int heads, int rows, OnlineSoftmax
 // heads); a block of 4 rows takes 16. On the Zen 5 EPYC, Llama-3-8B f16 decode at T = 16k
 // (from memory, best of 6 runs taken in turn) took 0.92-0.94 of the time, contiguous and paged,
 // one and two threads; bf16 and f32 about the same as before.
-template <int HeadDim, int Heads, class Storage>
-void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], RowsAhead<Storage> ahead) {
+template <int HeadDim, int Heads, class Storage, bool in_parts>
+void score_rows_asking(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], RowsAhead<Storage> ahead) {
   {
     constexpr int width = simd::width, vectors = HeadDim / width, units = elements_per_unit<Storage>;
     constexpr int block = width == 16 ? 4 : 2;  // rows; their sums, keys and a query fit the registers
     constexpr int chunk = 2, steps = vectors / chunk;  // row vectors per step
-    constexpr bool in_parts = ask_in_parts<HeadDim, Storage>;
     static_assert(width % block == 0 && vectors % chunk == 0);
     for (int first = 0; first < rows; first += width) {
       const int count = std::min(width, rows - first);
@@ -287,7 +300,7 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
           const Storage* row[block];
           for (int i = 0; i < block; ++i) row[i] = k + (first + std::min(r0 + i, count - 1)) * HeadDim / units;
           for (int s = 0; s < steps; ++s) {
-            if (!in_parts || ahead.passes > 1)  // the block's rows asked for over its first steps
+            if constexpr (!in_parts)  // the block's rows asked for over its first steps
               for (int i = s; i < block; i += steps)
                 if (r0 + i < count) ahead.template ask<HeadDim>(first + r0 + i);
             simd::floats key[block][chunk];
@@ -297,7 +310,7 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
                 constexpr int slots = steps * Heads, parts = slots / block;
                 static_assert(slots % block == 0);
                 const int slot = s * Heads + h;
-                if (ahead.passes == 1 && r0 + slot / parts < count)
+                if (r0 + slot / parts < count)
                   ahead.template ask_part<HeadDim, parts>(first + r0 + slot / parts, slot % parts);
               }
               for (int j = 0; j < chunk; ++j) {
@@ -316,6 +329,12 @@ void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile
       for (int h = 0; h < Heads; ++h) simd::store(scores[h] + first, simd::sum_each(partial[h]));
     }
   }
+}
+template <int HeadDim, int Heads, class Storage>
+void score_rows(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], RowsAhead<Storage> ahead) {
+  if constexpr (may_ask_in_parts<HeadDim, Storage>)
+    if (ask_in_parts<HeadDim, Storage>(ahead.passes)) return score_rows_asking<HeadDim, Heads, Storage, true>(k, rows, q, scores, ahead);
+  score_rows_asking<HeadDim, Heads, Storage, false>(k, rows, q, scores, ahead);
 }
 
 // scores[h][r] = q_h . codes of token first + r, for `count` tokens of an int4 key group
@@ -348,23 +367,22 @@ void score_key_group(const int4x2* group, int first, int count, const float* q, 
 // acc[h] += sum over rows r of p[h][r] * v_r for `Heads` heads and `rows` rows of v
 // ([rows][HeadDim]), a few registers of every head's accumulator at a time. `ahead` says which
 // rows to ask for (those of v's next tile, or where v is a converted copy, the stored ones').
-template <int HeadDim, int Heads, class Storage, class Ahead = RowsAhead<Storage>>
-void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, Ahead ahead) {
+template <int HeadDim, int Heads, bool in_parts, class Storage, class Ahead>
+void accumulate_rows_asking(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, Ahead ahead) {
   {
     constexpr int vectors = HeadDim / simd::width, units = elements_per_unit<Storage>;
     constexpr int step = simd::width == 16 ? 4 : 2;  // registers per head per pass: 4 x 4 + 4 of 32
-    constexpr bool in_parts = ask_in_parts<HeadDim, typename Ahead::storage>;  // the rows asked for
     for (int j = 0; j < vectors; j += step) {
       simd::floats sums[Heads][step];
       for (int h = 0; h < Heads; ++h)
         for (int i = 0; i < step; ++i) sums[h][i] = simd::load(acc + h * HeadDim + (j + i) * simd::width);
       for (int r = 0; r < rows; ++r) {
-        if (!in_parts || ahead.passes > 1)
+        if constexpr (!in_parts)
           if (j == 0) ahead.template ask<HeadDim>(r);
         simd::floats value[step];
         simd::load_vectors(v + (r * HeadDim + j * simd::width) / units, value);
         for (int h = 0; h < Heads; ++h) {
-          if (in_parts && ahead.passes == 1) ahead.template ask_part<HeadDim, vectors / step * Heads>(r, j / step * Heads + h);
+          if constexpr (in_parts) ahead.template ask_part<HeadDim, vectors / step * Heads>(r, j / step * Heads + h);
           const simd::floats weight = simd::broadcast(p[h][r]);
           for (int i = 0; i < step; ++i) sums[h][i] = simd::fma(weight, value[i], sums[h][i]);
         }
@@ -373,6 +391,13 @@ void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], fl
         for (int i = 0; i < step; ++i) simd::store(acc + h * HeadDim + (j + i) * simd::width, sums[h][i]);
     }
   }
+}
+template <int HeadDim, int Heads, class Storage, class Ahead = RowsAhead<Storage>>
+void accumulate_rows(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, Ahead ahead) {
+  using Asked = typename Ahead::storage;  // the rows asked for
+  if constexpr (may_ask_in_parts<HeadDim, Asked>)
+    if (ask_in_parts<HeadDim, Asked>(ahead.passes)) return accumulate_rows_asking<HeadDim, Heads, true>(v, rows, p, acc, ahead);
+  accumulate_rows_asking<HeadDim, Heads, false>(v, rows, p, acc, ahead);
 }
 
 // Rows [count][HeadDim] of Storage as fp32 rows at `out`, then zero rows up to `padded`.
