@@ -92,7 +92,7 @@ concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 inline constexpr int product_rows = 32;  // rows per tile of a pass of more than 4 heads
 
 // Whether this is an AMD processor, whose decode settings differ (row_tile_bytes,
-// rows_asked_in_parts); false in files nvcc compiles (its front end need not know GCC's CPU
+// ask_in_parts); false in files nvcc compiles (its front end need not know GCC's CPU
 // builtins) and off x86.
 inline bool amd_processor() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__CUDACC__)
@@ -172,14 +172,16 @@ inline void prefetch_row(const Storage* row) {
 // pass test per part, MQA f32 decode was 1.29x slower. The two ways stay side by side in the
 // kernels, the whole row asked before its loads: folded into one call after them, f16 and f32
 // decode measured 1.2x slower and MQA f32 1.18x.
-// That was the Sapphire Rapids Xeon. On the Zen 5 EPYC whole rows are faster
-// (rows_asked_in_parts): f32 in L2 (AttentionInCache) 0.71-0.73 of the time; from memory at
+// That was the Sapphire Rapids Xeon. On the Zen 5 EPYC whole rows are faster (ask_in_parts
+// says no on AMD): f32 in L2 (AttentionInCache) 0.67-0.73 of the time; from memory at
 // T = 4k and 16k, contiguous and paged, one and two threads (one run, medians of 3 alternating
 // rounds), Llama-3-8B f32 0.82-1.01 of the time (7 of 8 below 0.97), Llama-2-7B 0.93-1.06.
 // The kernels take the choice as a template argument: tested inside their loops, it kept
 // f32 in L2 at 0.95.
 template <int HeadDim, class Storage>
 inline constexpr bool may_ask_in_parts = row_bytes<HeadDim, Storage> >= 512;
+// Whether a pass over rows of Storage asks for them in parts: rows that may be, a pass of its
+// own, not on AMD.
 template <int HeadDim, class Storage>
 bool ask_in_parts(int passes) {
   return may_ask_in_parts<HeadDim, Storage> && passes == 1 && !amd_processor();
@@ -281,7 +283,8 @@ void softmax_tile(float (*scores)[tile_rows], int heads, int rows, OnlineSoftmax
 // One row at a time, with the queries re-read for every row, took 40 loads per 32 FMAs (f16, 4
 // heads); a block of 4 rows takes 16. On the Zen 5 EPYC, Llama-3-8B f16 decode at T = 16k
 // (from memory, best of 6 runs taken in turn) took 0.92-0.94 of the time, contiguous and paged,
-// one and two threads; bf16 and f32 about the same as before.
+// one and two threads; bf16 and f32 about the same as before. score_rows_asking asks for the
+// next rows in parts or whole (in_parts); score_rows chooses (ask_in_parts).
 template <int HeadDim, int Heads, class Storage, bool in_parts>
 void score_rows_asking(const Storage* k, int rows, const float* q, float (*scores)[tile_rows], RowsAhead<Storage> ahead) {
   {
@@ -366,7 +369,8 @@ void score_key_group(const int4x2* group, int first, int count, const float* q, 
 
 // acc[h] += sum over rows r of p[h][r] * v_r for `Heads` heads and `rows` rows of v
 // ([rows][HeadDim]), a few registers of every head's accumulator at a time. `ahead` says which
-// rows to ask for (those of v's next tile, or where v is a converted copy, the stored ones').
+// rows to ask for (those of v's next tile, or where v is a converted copy, the stored ones'),
+// in parts or whole (in_parts: accumulate_rows chooses, ask_in_parts).
 template <int HeadDim, int Heads, bool in_parts, class Storage, class Ahead>
 void accumulate_rows_asking(const Storage* v, int rows, const float (*p)[tile_rows], float* acc, Ahead ahead) {
   {
