@@ -8,7 +8,7 @@
 // bias once per group, and whose value minima into one sum per tile) and never stored; the per-row
 // partial dot products are summed by one transposing reduction (int4 key groups, stored a block
 // of channels at a time, are dotted a token per SIMD lane and need none). Scores are folded into an
-// online softmax (fp32 state) a tile of about 2 KiB of K at a time, then each V row is read
+// online softmax (fp32 state) a tile of 2-4 KiB of K at a time (row_tile_bytes), then each V row is read
 // once and accumulated for every head with the accumulators in registers. With AVX-512 VNNI or
 // AVX2, int8 and int4 codes are instead widened to 16-bit integers: K rows are dotted with
 // queries rounded to 16-bit integers, V rows two at a time with softmax weights rounded likewise
@@ -72,7 +72,8 @@ inline constexpr int split_rows = 1024;  // decode splits a sequence into ranges
 template <class Storage>
 concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 
-// Key rows per softmax update. Passes of up to 4 heads (decode) are bound by memory, and the
+// Key rows per softmax update. Passes of up to 4 heads (decode) are bound by memory on the
+// Xeon (on the Zen 5 EPYC about as much by their own work: AttentionInCache), and the
 // next tile's rows are requested while a tile is computed, so the tile sets how far ahead the
 // requests run. Row types take row_tile_bytes() of K (at least 8 rows), which depends on the
 // CPU. On the Sapphire Rapids Xeon, 2 KiB, so that a tile of K and V and the next one's stay in
