@@ -1,9 +1,11 @@
 // A small persistent thread pool for the CPU kernels: run(tasks, f) calls f(0) .. f(tasks - 1)
 // on the calling thread and the pool's workers, and returns when all are done. Workers spin
 // briefly before they sleep, so back-to-back kernel calls (one per layer) do not pay a wake-up.
-// One run() at a time; concurrent callers take turns.
+// A thread takes runs of consecutive tasks, shorter as the tasks run out (drain), so that the
+// threads still finish together. One run() at a time; concurrent callers take turns.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -71,8 +73,22 @@ class ThreadPool {
 #endif
   }
 
+  // Claims runs of consecutive tasks, each a 2 * size()-th of those left (at least one): a task
+  // is then mostly followed on its thread by the next one, which for decode is the next token
+  // range of the same kv-head, whose first rows the task's last tile has prefetched and whose
+  // stream the hardware prefetchers already follow. Llama-3-8B decode at T = 16k, two threads,
+  // on the Zen 5 EPYC: f16, bf16 and int8 in 0.90-0.91 of the time (median of 5 runs taken in
+  // turn) against taking one task at a time; f16 prefill 0.84.
   void drain() {
-    for (int t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) call_(context_, t);
+    const int threads = size();
+    for (;;) {
+      int first = next_.load(std::memory_order_relaxed), count = 0;
+      do {
+        if (first >= tasks_) return;
+        count = std::max(1, (tasks_ - first) / (2 * threads));
+      } while (!next_.compare_exchange_weak(first, first + count, std::memory_order_relaxed));
+      for (int t = first; t < first + count; ++t) call_(context_, t);
+    }
   }
 
   void work() {
