@@ -890,6 +890,12 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
       if (last_tile) {
         next_k = next_v = nullptr;
         if constexpr (std::same_as<S, Storage>) next_k = following.first, next_v = following.second;
+      } else {
+        // The first line of the next tile's K and of its V, asked into L2 as this tile starts,
+        // keeps the hardware's L2 stream prefetcher ahead of the rows the kernels ask into L1
+        // a tile ahead (as a paged block does for the next block, in accumulate below).
+        prefetch_line<Into::l2>(next_k);
+        prefetch_line<Into::l2>(next_v);
       }
       // The scales and parameters of quantized rows lie apart from the rows, in streams of their
       // own that the hardware prefetcher follows too late (one thread, int8 at T = 16k: 1.17x
