@@ -14,7 +14,8 @@
 // queries rounded to 16-bit integers, V rows two at a time with softmax weights rounded likewise
 // (uses_integer_dot_products), 32 multiply-adds per instruction (VNNI; AVX2: 16 per two). The
 // next tile's rows are prefetched one row per row computed (shared out among the passes over a
-// tile of more than 4 heads), and its scales with them. Work is split over (sequence, kv-head)
+// tile of more than 4 heads), and its scales with them; its first lines of K and V are asked
+// into L2 as the tile starts. Work is split over (sequence, kv-head)
 // and over token ranges of long sequences (fixed by the sequence, so results are
 // batch-invariant), whose partial softmax states are merged in order.
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
