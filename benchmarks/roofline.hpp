@@ -41,16 +41,20 @@ double best_seconds(int runs, F&& f) {
 }
 
 // Sums 64-byte lines of `streams` equal regions from `begin`, taking the streams in turn a line
-// at a time, each line asked for (software prefetch) `ahead` bytes before it is read.
-inline float read_lines(const float* begin, std::size_t floats, int streams, std::size_t ahead) {
+// at a time, each line asked for (software prefetch) `ahead` bytes before it is read; with
+// `into_l2`, at each `ahead` bytes of a stream the line `ahead` bytes on is asked into L2 too,
+// as the decode kernels do at each tile.
+inline float read_lines(const float* begin, std::size_t floats, int streams, std::size_t ahead, bool into_l2) {
   using Line = Eigen::Array<float, 16, 1>;  // 64 bytes
   const std::size_t stream_floats = floats / static_cast<std::size_t>(streams);
   Line total = Line::Zero();
   for (std::size_t at = 0; at + 16 <= stream_floats; at += 16)
     for (int s = 0; s < streams; ++s) {
       const float* line = begin + static_cast<std::size_t>(s) * stream_floats + at;
-      if (at * sizeof(float) + ahead < stream_floats * sizeof(float))
+      if (at * sizeof(float) + ahead < stream_floats * sizeof(float)) {
+        if (into_l2 && at * sizeof(float) % ahead == 0) __builtin_prefetch(reinterpret_cast<const char*>(line) + ahead, 0, 2);
         __builtin_prefetch(reinterpret_cast<const char*>(line) + ahead, 0, 3);
+      }
       total += Eigen::Map<const Line, Eigen::Aligned64>(line);
     }
   return total.sum();
@@ -58,15 +62,18 @@ inline float read_lines(const float* begin, std::size_t floats, int streams, std
 
 // Ways a decode step can read a kv-head's K and V rows: one stream per thread; two streams
 // taking turns of 8 KiB; one stream, or two a line each in turn, with every line asked for
-// (software prefetch) 1-4 KiB before it is read, as the kernels ask for their rows. The fastest
-// is the ceiling. On the Sapphire Rapids machine one thread reads 15-16 GB/s without the
+// (software prefetch) 1-4 KiB before it is read, as the kernels ask for their rows, and also
+// with a line every 4 KiB asked into L2 4 KiB ahead, as the kernels ask at each tile. The
+// fastest is the ceiling. On the Sapphire Rapids machine one thread reads 15-16 GB/s without the
 // requests and 18-20 GB/s with them, two threads 29-30 and 33-37: a ceiling without them
 // overstated every roofline fraction by about a quarter.
 struct ReadPattern {
-  std::size_t turn;   // floats per turn of two streams; 0: one stream, 16: a line each
-  std::size_t ahead;  // bytes a line is asked for before it is read; 0: not asked for
+  std::size_t turn;      // floats per turn of two streams; 0: one stream, 16: a line each
+  std::size_t ahead;     // bytes a line is asked for before it is read; 0: not asked for
+  bool into_l2 = false;  // a line every `ahead` bytes asked into L2 too (read_lines)
 };
-inline constexpr ReadPattern read_patterns[] = {{0, 0}, {2048, 0}, {0, 1024}, {0, 4096}, {16, 4096}};
+inline constexpr ReadPattern read_patterns[] = {{0, 0},     {2048, 0},        {0, 1024},        {0, 4096},
+                                                {16, 4096}, {0, 4096, true}, {16, 4096, true}};
 
 // Bytes per second of `threads` threads reading 1 GiB of floats (in huge pages, as the cache's
 // are) in `threads` slices, in `pattern`: the best of `runs`.
@@ -85,7 +92,7 @@ inline double measure_read(int threads, const ReadPattern& pattern, int runs) {
     const float* start = buffer.get() + slice * static_cast<std::size_t>(t);
     float& sum = sums[static_cast<std::size_t>(t)];
     if (pattern.ahead > 0) {
-      sum = read_lines(start, slice, pattern.turn == 0 ? 1 : 2, pattern.ahead);
+      sum = read_lines(start, slice, pattern.turn == 0 ? 1 : 2, pattern.ahead, pattern.into_l2);
     } else if (pattern.turn == 0) {
       sum = Eigen::Map<const Eigen::ArrayXf>(start, static_cast<Eigen::Index>(slice)).sum();
     } else {
