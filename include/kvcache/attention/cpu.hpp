@@ -231,7 +231,7 @@ inline constexpr bool use_simd = simd::width > 0 && HeadDim > 0 && HeadDim % (2 
 // exceeds its running max, which after the first tiles is rare: the exponentials then wait on
 // no reduction (Zen 5, in L2: f16 0.98, int8 0.95 of the time). Nor is a tile's sum: each head's
 // sums stay a vector, in `lanes`, rescaled with acc, until the caller adds them to state.sum
-// (Zen 5, in L2, one core: f16 0.98-0.99, int8 0.97 of the time; f32, bf16, int4 even).
+// (Zen 5, in L2, one pinned core: f16 0.94-0.99, int8 0.97 of the time; f32, bf16, int4 even).
 //   scores: [heads][tile_rows], the first `rows` of each valid
 //   acc:    [heads][HeadDim]
 //   lanes:  [heads][simd::width], the sums of exp(score - max) not yet in state.sum
