@@ -834,7 +834,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   // The SIMD path's sums of exp(score - max) per head and lane, added to softmax[h].sum at the end.
   constexpr int sum_width = std::max(KVCACHE_SIMD_WIDTH, 1);
   alignas(64) float sum_lanes[heads_per_pass][sum_width];
-  std::fill_n(&sum_lanes[0][0], heads * sum_width, 0.0f);
+  if constexpr (use_simd<HeadDim>) std::fill_n(&sum_lanes[0][0], heads * sum_width, 0.0f);
   const int passes = (heads + most_heads - 1) / most_heads;  // over a tile (dispatch_heads)
 
   std::pair<const Storage*, const Storage*> following{nullptr, nullptr};  // next segment's rows
