@@ -2,8 +2,10 @@
 // memory rather than from the last-level cache.
 #pragma once
 
+#include <benchmark/benchmark.h>
 #include <kvcache/kvcache.hpp>
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <random>
@@ -26,6 +28,17 @@ inline std::vector<float> random_values(std::size_t count, unsigned seed = 1) {
   std::vector<float> values(count);
   for (float& value : values) value = normal(rng);
   return values;
+}
+
+// Runs `step` once per benchmark iteration and returns the wall-clock seconds per iteration.
+// Counters that divide by the time (fractions of a ceiling, nanoseconds per row) are computed
+// from it as plain numbers: as Google Benchmark rate counters they would print with a "/s".
+template <class Step>
+double seconds_per_iteration(benchmark::State& state, Step&& step) {
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) step();
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  return state.iterations() > 0 ? elapsed.count() / static_cast<double>(state.iterations()) : 0.0;
 }
 
 template <class Layout>

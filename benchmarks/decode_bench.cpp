@@ -99,14 +99,20 @@ struct Fixture {
   }
 };
 
-// Runs `step` once per benchmark iteration and returns the roofline to judge it by: with the
-// read ceiling measured just before the loop and just after it, the higher (roofline_now).
+// Seconds per iteration of a benchmark's loop and the roofline to judge it by.
+struct Judged {
+  double seconds;
+  Roofline ceiling;
+};
+
+// Runs `step` once per benchmark iteration; judges it by the roofline with the read ceiling
+// measured just before the loop and just after it, the higher (roofline_now).
 template <class Step>
-Roofline run_between_ceilings(benchmark::State& state, int threads, Step&& step) {
+Judged run_between_ceilings(benchmark::State& state, int threads, Step&& step) {
   const Roofline before = roofline_now(threads);
-  for (auto _ : state) step();
+  const double seconds = seconds_per_iteration(state, step);
   const Roofline after = roofline_now(threads);
-  return after.read_bytes_per_second > before.read_bytes_per_second ? after : before;
+  return {seconds, after.read_bytes_per_second > before.read_bytes_per_second ? after : before};
 }
 
 template <class Layout, class DType>
@@ -118,7 +124,7 @@ void run_decode(benchmark::State& state, const Geometry& g, int tokens, int batc
   const auto q = random_values(static_cast<std::size_t>(batch) * g.q_heads * g.head_dim, 3);
   std::vector<float> out(q.size());
   int layer = 0;
-  const Roofline ceiling = run_between_ceilings(state, threads, [&] {
+  const auto [seconds, ceiling] = run_between_ceilings(state, threads, [&] {
     attention::decode(cache, layer, fixture.seqs, q, out);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
@@ -132,7 +138,7 @@ void run_decode(benchmark::State& state, const Geometry& g, int tokens, int batc
   state.counters["threads"] = threads;
   state.counters["working_set_gib"] = static_cast<double>(bytes * layers) / (1 << 30);
   state.counters["bytes_per_second"] = Counter(bytes, Counter::kIsIterationInvariantRate);
-  state.counters["roofline_fraction"] = Counter(ceiling.seconds(bytes, flops), Counter::kIsIterationInvariantRate);
+  state.counters["roofline_fraction"] = ceiling.seconds(bytes, flops) / seconds;
   state.counters["read_bytes_per_second"] = ceiling.read_bytes_per_second;
 }
 
@@ -201,7 +207,7 @@ void DecodeRagged(benchmark::State& state, int mean_tokens, int threads) {
   }
   const auto q = random_values(static_cast<std::size_t>(batch) * g.q_heads * g.head_dim, 3);
   std::vector<float> out(q.size());
-  const Roofline ceiling = run_between_ceilings(state, threads, [&] {
+  const auto [seconds, ceiling] = run_between_ceilings(state, threads, [&] {
     attention::decode(cache, 0, seqs, q, out);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
@@ -214,7 +220,7 @@ void DecodeRagged(benchmark::State& state, int mean_tokens, int threads) {
   state.counters["threads"] = threads;
   state.counters["working_set_gib"] = bytes / (1 << 30);
   state.counters["bytes_per_second"] = Counter(bytes, Counter::kIsIterationInvariantRate);
-  state.counters["roofline_fraction"] = Counter(ceiling.seconds(bytes, flops), Counter::kIsIterationInvariantRate);
+  state.counters["roofline_fraction"] = ceiling.seconds(bytes, flops) / seconds;
   state.counters["read_bytes_per_second"] = ceiling.read_bytes_per_second;
 }
 
@@ -247,18 +253,17 @@ void AttentionInCache(benchmark::State& state) {
   const auto q = random_values(static_cast<std::size_t>(g.q_heads) * g.head_dim, 3);
   std::vector<float> out(q.size());
   const SeqId seqs[] = {seq};
-  for (auto _ : state) {
+  const double seconds = seconds_per_iteration(state, [&] {
     attention::decode(cache, 0, seqs, q, out);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }
+  });
   const double rows = static_cast<double>(tokens) * g.kv_heads;
   const double flops = 4.0 * g.q_heads * static_cast<double>(tokens) * g.head_dim;
-  using benchmark::Counter;
   state.counters["tokens"] = tokens;
   state.counters["threads"] = 1;
-  state.counters["row_ns"] = Counter(rows * 1e-9, Counter::kIsIterationInvariantRate | Counter::kInvert);
-  state.counters["fma_fraction"] = Counter(flops / ceiling.flops_per_second, Counter::kIsIterationInvariantRate);
+  state.counters["row_ns"] = seconds / rows * 1e9;
+  state.counters["fma_fraction"] = flops / ceiling.flops_per_second / seconds;
 }
 template <class DType>
 void register_in_cache() {
