@@ -81,8 +81,8 @@ class KVCache {
   // quantized type rounds what is left of a key after its channel means far more finely. The
   // mean of each channel over some calibration text is a good offset (examples/kv_accuracy
   // shows how much it saves). Views hold the stored keys, key minus offset, and key_offset (a
-  // layer's offset, in the backend's memory). Soft-capped logits are not shift-invariant, so
-  // attention with AttentionParams::soft_cap > 0 refuses a cache with key offsets.
+  // layer's offset, in the backend's memory). Soft-capped logits (AttentionParams::soft_cap)
+  // are not shift-invariant: attention adds q . offset back to each score before capping.
   // Throws Error{shape_mismatch} for a size other than layers * kv_heads * head_dim and
   // Error{invalid_configuration} for a non-finite offset.
   KVCache(const ModelShape& shape, const Layout& layout, std::span<const float> key_offsets = {})

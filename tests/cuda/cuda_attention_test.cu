@@ -378,7 +378,8 @@ TEST(CudaBackend, QuantizedRowsOfOddShapes) {
 }
 
 // Key offsets: the append kernel subtracts the same offsets (uploaded by the constructor) as
-// the CPU does, so the stored rows and the attention agree.
+// the CPU does, so the stored rows and the attention agree; soft-capped attention too, where
+// both add each score's q . offset back before the cap.
 TEST(CudaBackend, KeyOffsetsAreSubtractedLikeOnTheCpu) {
   std::mt19937 rng(19);
   const ModelShape shape{.layers = 2, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
@@ -395,6 +396,10 @@ TEST(CudaBackend, KeyOffsetsAreSubtractedLikeOnTheCpu) {
   halves.expect_same_rows();
   quantized.expect_same_decode(rng, 1, quantized.seqs);
   halves.expect_same_decode(rng, 0, halves.seqs);
+  const AttentionParams capped{.scale = {}, .soft_cap = 30.0f};  // the offsets move scores by ~20
+  quantized.expect_same_decode(rng, 1, quantized.seqs, capped);
+  halves.expect_same_decode(rng, 0, halves.seqs, capped);
+  halves.expect_same_prefill(rng, halves.seqs[1], 7, capped);
 }
 
 TEST(CudaBackend, UnsupportedHeadDimIsAClearError) {

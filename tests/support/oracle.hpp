@@ -126,22 +126,24 @@ double relative_error(const std::vector<T>& actual, const std::vector<double>& e
 
 // Decodes every sequence of `seqs` (layer 0) in one batch, then runs a chunked prefill of
 // `queries` queries for seqs[prefill_index], with N(0, 0.3) queries, and expects each output
-// within `bound` of the oracle on the rows the cache holds (k_stored[i], v_stored[i]).
+// within `bound` of the oracle on the rows the cache holds (k_stored[i], v_stored[i]), with
+// logits soft-capped where soft_cap > 0.
 template <class Cache>
 void expect_attention_equals_oracle(Cache& cache, const std::vector<SeqId>& seqs, std::span<const int> lengths,
                                     const std::vector<Rows>& k_stored, const std::vector<Rows>& v_stored, Mask mask,
-                                    std::mt19937& rng, double bound, std::size_t prefill_index = 3, int queries = 5) {
+                                    std::mt19937& rng, double bound, std::size_t prefill_index = 3, int queries = 5,
+                                    double soft_cap = 0.0) {
   const ModelShape& shape = cache.shape();
   const std::size_t q_row = static_cast<std::size_t>(shape.q_heads) * shape.head_dim;
   const double scale = 1.0 / std::sqrt(static_cast<double>(shape.head_dim));
-  const AttentionParams params{.scale = static_cast<float>(scale)};
+  const AttentionParams params{.scale = static_cast<float>(scale), .soft_cap = static_cast<float>(soft_cap)};
   const auto q = random_values(rng, seqs.size() * q_row, 0.3f);
   std::vector<float> out(q.size());
   attention::decode(cache, 0, std::span<const SeqId>(seqs), q, out, params);
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::vector<float> q_i(q.begin() + i * q_row, q.begin() + (i + 1) * q_row);
     const std::vector<float> out_i(out.begin() + i * q_row, out.begin() + (i + 1) * q_row);
-    const auto expected = oracle_attention(shape, k_stored[i], v_stored[i], lengths[i], q_i, 1, mask, scale);
+    const auto expected = oracle_attention(shape, k_stored[i], v_stored[i], lengths[i], q_i, 1, mask, scale, soft_cap);
     EXPECT_LE(relative_error(out_i, expected), bound) << shape.q_heads << "/" << shape.kv_heads << " heads, head_dim "
                                                       << shape.head_dim << ", length " << lengths[i];
   }
@@ -149,7 +151,7 @@ void expect_attention_equals_oracle(Cache& cache, const std::vector<SeqId>& seqs
   std::vector<float> out_prefill(q_prefill.size());
   attention::prefill(cache, 0, seqs[prefill_index], q_prefill, out_prefill, params);
   const auto expected = oracle_attention(shape, k_stored[prefill_index], v_stored[prefill_index],
-                                         lengths[prefill_index], q_prefill, queries, mask, scale);
+                                         lengths[prefill_index], q_prefill, queries, mask, scale, soft_cap);
   EXPECT_LE(relative_error(out_prefill, expected), bound) << "prefill, head_dim " << shape.head_dim;
 }
 

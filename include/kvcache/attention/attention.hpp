@@ -34,12 +34,7 @@ namespace attention {
 namespace detail {
 
 template <class View>
-void check_view(const View& view, int queries, SeqId seq, int layer, const AttentionParams& params,
-                const char* operation) {
-  if (params.soft_cap > 0.0f && view.key_offset != nullptr)
-    kvcache::detail::fail(errc::invalid_configuration, operation, "(layer ", layer, ", ", seq,
-                          "): soft_cap = ", params.soft_cap, " with a cache that stores keys minus an offset; "
-                          "soft-capped logits are not shift-invariant, so build the cache without key_offsets");
+void check_view(const View& view, int queries, SeqId seq, int layer, const char* operation) {
   if (queries < 1 || queries > view.length)
     kvcache::detail::fail(errc::out_of_range, operation, "(layer ", layer, ", ", seq, "): ",
                           queries, " queries but the layer holds ", view.length,
@@ -89,7 +84,7 @@ void decode(const Cache& cache, int layer, std::span<const SeqId> seqs, const QR
   views.clear();
   for (SeqId seq : seqs) {
     views.push_back(cache.view(layer, seq));
-    detail::check_view(views.back(), 1, seq, layer, params, "decode");
+    detail::check_view(views.back(), 1, seq, layer, "decode");
   }
   static_assert(!detail::no_kernels_for<Cache>,
                 "no attention kernels for this backend here (backend::cuda: compile this file with nvcc)");
@@ -131,7 +126,7 @@ void prefill(const Cache& cache, int layer, std::span<const SeqId> seqs, std::sp
   std::size_t all_queries = 0;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     views.push_back(cache.view(layer, seqs[i]));
-    detail::check_view(views.back(), queries[i], seqs[i], layer, params, "prefill");
+    detail::check_view(views.back(), queries[i], seqs[i], layer, "prefill");
     all_queries += static_cast<std::size_t>(queries[i]);
   }
   detail::check_sizes(cache, all_queries, std::ranges::size(q), std::ranges::size(out), "prefill");

@@ -819,13 +819,21 @@ inline void scale_scores(float (*scores)[tile_rows], int heads, int rows, const 
     for (int r = vectorized; r < rows; ++r) scores[h][r] *= scale[r];
 }
 
+// Soft-capped logits (cap > 0): soft_cap * tanh(logit / soft_cap). A cache with key offsets
+// stores key - offset, whose scores lack q . offset; softmax cancels that shift, the cap does
+// not, so each row's shift is added back first.
+struct SoftCap {
+  float cap = 0.0f;
+  const float* shift = nullptr;  // [rows] of the pass (null: none), q . key offset
+};
+
 // Adds to (softmax, acc) the keys visible to the query at position `query` among positions
 // [lo, hi), for `heads` query heads of kv-head `kv_head`.
 //   q:   [heads][head_dim], already multiplied by the scale
 //   acc: [heads][head_dim], unnormalized: sum of exp(s - softmax.max) * v
 template <int HeadDim, class Storage>
 void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int lo, int hi,
-                const float* q, int heads, float soft_cap, OnlineSoftmax* softmax, float* acc) {
+                const float* q, int heads, SoftCap soft_cap, OnlineSoftmax* softmax, float* acc) {
   constexpr int Extent = HeadDim == 0 ? Eigen::Dynamic : HeadDim;
   constexpr int Capacity = HeadDim == 0 ? ModelShape::max_head_dim : HeadDim;
   using Row = Eigen::Matrix<float, Extent, 1>;
@@ -1026,10 +1034,11 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
             for (int r = 0; r < rows; ++r) scores[h][r] += bias[h];
         if (k_scale != nullptr) scale_scores(scores, heads, rows, k_scale);
       }
-      if (soft_cap > 0.0f)
+      if (soft_cap.cap > 0.0f)
         for (int h = 0; h < heads; ++h) {
           Eigen::Map<Eigen::ArrayXf> s(scores[h], rows);
-          s = soft_cap * (s / soft_cap).tanh();
+          const float shift = soft_cap.shift == nullptr ? 0.0f : soft_cap.shift[h];
+          s = soft_cap.cap * ((s + shift) / soft_cap.cap).tanh();
         }
       if constexpr (use_simd<HeadDim>) {
         softmax_tile<HeadDim>(scores, heads, rows, softmax, acc, &sum_lanes[0][0]);
@@ -1188,7 +1197,7 @@ inline Scratch& scratch() {
 // of the task, so all its rows share one pass over them (queries * heads rows per K/V row
 // read); each query then adds its own causal part [query, its position].
 template <int HeadDim, class Storage>
-void run_task(const SequenceView<Storage>& view, const Task& task, const float* q, float soft_cap,
+void run_task(const SequenceView<Storage>& view, const Task& task, const float* q, SoftCap soft_cap,
               OnlineSoftmax* softmax, float* acc, int head_dim) {
   const int rows = task.queries * task.heads;
   std::fill(softmax, softmax + rows, OnlineSoftmax{});
@@ -1202,8 +1211,9 @@ void run_task(const SequenceView<Storage>& view, const Task& task, const float* 
     accumulate<HeadDim>(view, task.kv_head, task.query - 1, task.lo, shared_end, q, rows, soft_cap, softmax, acc);
   for (int i = 0; i < task.queries; ++i) {
     const std::size_t row = static_cast<std::size_t>(i) * task.heads;
+    const SoftCap own{soft_cap.cap, soft_cap.shift == nullptr ? nullptr : soft_cap.shift + row};
     accumulate<HeadDim>(view, task.kv_head, task.query + i, std::max(task.lo, task.query), task.hi,
-                        q + row * head_dim, task.heads, soft_cap, softmax + row, acc + row * head_dim);
+                        q + row * head_dim, task.heads, own, softmax + row, acc + row * head_dim);
   }
 }
 
@@ -1225,13 +1235,22 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
     auto work = [&](int t) {
       const Task& task = s.tasks[static_cast<std::size_t>(t)];
       float* q_scaled = s.q.data() + static_cast<std::size_t>(t) * partial;  // [queries][heads][head_dim]
+      const SequenceView<Storage>& view = views[static_cast<std::size_t>(task.view)];
+      const int rows = task.queries * task.heads;
       for (int i = 0; i < task.queries; ++i)
         for (std::size_t e = 0; e < task.heads * heads_span; ++e)
           q_scaled[i * task.heads * heads_span + e] = scale * to_float(q[task.q_offset + i * task.row_stride + e]);
-      if (views[static_cast<std::size_t>(task.view)].hadamard)  // q.k = (Hq).(Hk)
-        for (int row = 0; row < task.queries * task.heads; ++row) ::kvcache::detail::hadamard_transform(q_scaled + row * heads_span, head_dim);
-      run_task<HeadDim>(views[static_cast<std::size_t>(task.view)], task, q_scaled, params.soft_cap,
-                        s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass,
+      SoftCap soft_cap{params.soft_cap};
+      alignas(64) float shift[heads_per_pass];
+      if (soft_cap.cap > 0.0f && view.key_offset != nullptr) {  // before the rotation: keys are offset, then rotated
+        using Row = Eigen::Map<const Eigen::VectorXf>;
+        const Row offset(view.key_offset + static_cast<std::size_t>(task.kv_head) * heads_span, head_dim);
+        for (int row = 0; row < rows; ++row) shift[row] = Row(q_scaled + row * heads_span, head_dim).dot(offset);
+        soft_cap.shift = shift;
+      }
+      if (view.hadamard)  // q.k = (Hq).(Hk)
+        for (int row = 0; row < rows; ++row) ::kvcache::detail::hadamard_transform(q_scaled + row * heads_span, head_dim);
+      run_task<HeadDim>(view, task, q_scaled, soft_cap, s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass,
                         s.acc.data() + static_cast<std::size_t>(t) * partial, head_dim);
     };
     // A call too small to repay waking the workers (a small model, a short sequence) runs on

@@ -98,6 +98,20 @@ __global__ void __launch_bounds__(block_threads) decode_kernel(const ViewBatch<S
       acc[h][e] = 0.0f;
     }
   }
+  // Soft-capped logits of a cache with key offsets: the stored keys' scores lack q . offset,
+  // which the cap, unlike softmax, does not cancel (uniform over the block).
+  float shift[Heads];
+#pragma unroll
+  for (int h = 0; h < Heads; ++h) {
+    shift[h] = 0.0f;
+    if (args.soft_cap > 0.0f && view.key_offset != nullptr) {
+      const float* offset = view.key_offset + static_cast<std::size_t>(kv_head) * HeadDim + sub * Layout::elems;
+#pragma unroll
+      for (int e = 0; e < Layout::elems; ++e) shift[h] = fmaf(q[h][e], offset[e], shift[h]);
+#pragma unroll
+      for (int lanes = Layout::lanes / 2; lanes > 0; lanes /= 2) shift[h] += __shfl_xor_sync(0xffffffffu, shift[h], lanes);
+    }
+  }
 
   auto run = [&](int begin, int end) {
     // Every lane of a warp runs the same iterations: a row's lanes combine scores by shuffles.
@@ -134,7 +148,7 @@ __global__ void __launch_bounds__(block_threads) decode_kernel(const ViewBatch<S
 #pragma unroll
           for (int offset = Layout::lanes / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
           if constexpr (is_code<Storage>) dot *= k_scale[u];
-          score[u] = valid[u] ? to_log2_logit(dot, args.soft_cap) : -INFINITY;
+          score[u] = valid[u] ? to_log2_logit(dot + shift[h], args.soft_cap) : -INFINITY;
           tile_max = fmaxf(tile_max, score[u]);
         }
         if (tile_max == -INFINITY) continue;  // this row group is past the range's end

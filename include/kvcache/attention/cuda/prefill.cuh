@@ -105,6 +105,21 @@ __global__ void __launch_bounds__(block_threads) prefill_kernel(const ViewBatch<
     for (int e = 0; e < per_lane; ++e) acc[j][e] = 0.0f;
   }
 
+  // Soft-capped logits of a cache with key offsets: the stored keys' scores lack q . offset,
+  // which the cap, unlike softmax, does not cancel (uniform over each warp).
+  float shift[rows_per_warp];
+#pragma unroll
+  for (int j = 0; j < rows_per_warp; ++j) {
+    const int r = warp + block_warps * j;
+    shift[j] = 0.0f;
+    if (args.soft_cap > 0.0f && view.key_offset != nullptr && r < rows) {
+      const float* offset = view.key_offset + static_cast<std::size_t>(kv_head) * HeadDim;
+      for (int d = lane; d < HeadDim; d += 32) shift[j] = fmaf(q_tile[r * HeadDim + d], offset[d], shift[j]);
+#pragma unroll
+      for (int lanes = 16; lanes > 0; lanes /= 2) shift[j] += __shfl_xor_sync(0xffffffffu, shift[j], lanes);
+    }
+  }
+
   auto run = [&](int begin, int end) {
     for (int tile = begin; tile < end; tile += key_tile) {
       const int count = min(key_tile, end - tile);
@@ -141,7 +156,7 @@ __global__ void __launch_bounds__(block_threads) prefill_kernel(const ViewBatch<
           float dot = 0.0f;
 #pragma unroll 16
           for (int d = 0; d < HeadDim; ++d) dot = fmaf(q_row[d], to_float(k_row[d]), dot);
-          score = to_log2_logit(dot * k_scale_tile[lane], args.soft_cap);
+          score = to_log2_logit(dot * k_scale_tile[lane] + shift[j], args.soft_cap);
         }
         float tile_max = score;
 #pragma unroll
