@@ -154,37 +154,14 @@ TYPED_TEST(KeyOffsetTest, BehavesAsKeysMinusOffsetsThroughRandomOperations) {
   EXPECT_GT(checks, 400);
 }
 
-// The offset cancels in softmax: attention over an f32 cache with offsets equals the oracle on
-// the keys as given, for decode and chunked prefill, MHA, GQA and MQA.
-TEST(KeyOffset, AttentionEqualsTheOracleOnTheOriginalKeys) {
-  std::mt19937 rng(8);
-  for (const ModelShape& s : oracle_shapes()) {
-    const std::size_t row = static_cast<std::size_t>(s.kv_heads) * s.head_dim;
-    const Rows offsets = random_values(rng, row, 20.0f);
-    KVCache<Paged<16>, f32> cache(s, make_layout<Paged<16>>(), offsets);
-    std::vector<SeqId> seqs;
-    std::vector<Rows> k, v;
-    const int lengths[] = {1, 17, 40, 64};
-    for (const int length : lengths) {
-      seqs.push_back(cache.open());
-      Rows keys = random_values(rng, length * row);
-      for (std::size_t i = 0; i < keys.size(); ++i) keys[i] += offsets[i % row];
-      k.push_back(keys);
-      v.push_back(random_values(rng, length * row));
-      cache.reserve(seqs.back(), length);
-      cache.append(0, seqs.back(), k.back(), v.back());
-    }
-    expect_attention_equals_oracle(cache, seqs, lengths, k, v, {}, rng, 1e-5);
-  }
-}
-
-// Soft-capped logits are not shift-invariant: attention adds q . offset back to each score
-// before the cap, so it equals the oracle on the original keys (the stored keys plus the
-// offsets) with the cap, for decode and chunked prefill, MHA, GQA and MQA; the rotated type
-// too, whose offsets come off before the rotation. A cap of 1 bends logits of the size these
-// offsets add (around 1.5), so a kernel that left the shift out would be far off.
+// Attention over a cache with offsets equals the oracle on the original keys (what the cache
+// holds plus the offsets), for decode and chunked prefill, MHA, GQA and MQA: softmax cancels
+// the offset, and soft-capped logits (soft_cap > 0), which are not shift-invariant, get
+// q . offset added back before the cap; the rotated type too, whose offsets come off before
+// the rotation. A cap of 1 bends logits of the size these offsets add (around 1.5), so a
+// kernel that left the shift out would be far off.
 template <class DType>
-void expect_soft_capped_attention_on_the_original_keys() {
+void expect_attention_on_the_original_keys(double soft_cap) {
   std::mt19937 rng(17);
   for (const ModelShape& s : oracle_shapes()) {
     if (is_hadamard_rotated<DType> && !std::has_single_bit(static_cast<unsigned>(s.head_dim))) continue;
@@ -208,15 +185,17 @@ void expect_soft_capped_attention_on_the_original_keys() {
       v_stored.push_back(stored<DType>(values, s.head_dim));
     }
     expect_attention_equals_oracle(cache, seqs, lengths, k_original, v_stored, {}, rng,
-                                  kernel_bound<typename DType::storage_type>(s.head_dim), 3, 5, /*soft_cap=*/1.0);
+                                  kernel_bound<typename DType::storage_type>(s.head_dim), 3, 5, soft_cap);
   }
 }
 
+TEST(KeyOffset, AttentionEqualsTheOracleOnTheOriginalKeys) { expect_attention_on_the_original_keys<f32>(0.0); }
+
 TEST(KeyOffset, SoftCappedAttentionEqualsTheOracleOnTheOriginalKeys) {
-  expect_soft_capped_attention_on_the_original_keys<f32>();
-  expect_soft_capped_attention_on_the_original_keys<int8>();
-  expect_soft_capped_attention_on_the_original_keys<fp8_e4m3>();
-  expect_soft_capped_attention_on_the_original_keys<int8_hadamard>();
+  expect_attention_on_the_original_keys<f32>(1.0);
+  expect_attention_on_the_original_keys<int8>(1.0);
+  expect_attention_on_the_original_keys<fp8_e4m3>(1.0);
+  expect_attention_on_the_original_keys<int8_hadamard>(1.0);
 }
 
 // Keys with large channel means: int8 and fp8_e4m3 round them far less coarsely once offsets
