@@ -1178,16 +1178,41 @@ struct Task {
   std::size_t q_offset;    // element offset of the first row's query (and output)
   std::size_t row_stride;  // elements from one query's rows to the next (q_heads * head_dim)
   int splits;              // tasks (consecutive, this one first) whose partials make one output
+  // Where the task's rows lie in the scratch (place_partials): its softmax states from
+  // Scratch::softmax[state_offset], its scaled queries and accumulators from element
+  // partial_offset of Scratch::q and Scratch::acc.
+  std::size_t state_offset = 0, partial_offset = 0;
 };
 
 // Per-thread scratch that only grows: task lists and partial results. The kernels read queries
 // and accumulators a SIMD register at a time, so those rows must not straddle cache lines.
 struct Scratch {
   std::vector<Task> tasks;
-  std::vector<OnlineSoftmax> softmax;  // [tasks][heads_per_pass]
-  AlignedFloats acc;                   // [tasks][heads_per_pass][head_dim]
-  AlignedFloats q;                     // [tasks][heads_per_pass][head_dim] scaled queries
+  std::vector<OnlineSoftmax> softmax;  // a state per row of every task
+  AlignedFloats acc;                   // [rows of every task][head_dim]
+  AlignedFloats q;                     // [rows of every task][head_dim] scaled queries
 };
+
+// Gives each task of `s` its rows in the scratch, one task after another, and grows the
+// scratch to hold them. A task's states and elements start on a cache line of their own, so
+// threads writing neighbouring tasks share none. Rows, not heads_per_pass rows per task: a
+// decode task of 4 heads at head_dim 128 takes 2 KiB of accumulators instead of 32 KiB (a
+// batch of 8 at T = 16k has 1024 tasks).
+inline void place_partials(Scratch& s, int head_dim) {
+  constexpr std::size_t line_floats = 16, line_states = 64 / sizeof(OnlineSoftmax);
+  auto round_up = [](std::size_t n, std::size_t step) { return (n + step - 1) / step * step; };
+  std::size_t states = 0, elements = 0;
+  for (Task& task : s.tasks) {
+    const auto rows = static_cast<std::size_t>(task.queries) * task.heads;
+    task.state_offset = states;
+    task.partial_offset = elements;
+    states += round_up(rows, line_states);
+    elements += round_up(rows * static_cast<std::size_t>(head_dim), line_floats);
+  }
+  if (s.softmax.size() < states) s.softmax.resize(states);
+  if (s.acc.size() < elements) s.acc.resize(elements);
+  if (s.q.size() < elements) s.q.resize(elements);
+}
 inline Scratch& scratch() {
   thread_local Scratch instance;
   return instance;
@@ -1223,10 +1248,7 @@ template <class Storage, class Q, class O>
 void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out, const AttentionParams& params,
                int head_dim) {
   Scratch& s = scratch();
-  const std::size_t partial = static_cast<std::size_t>(heads_per_pass) * head_dim;
-  if (s.softmax.size() < s.tasks.size() * heads_per_pass) s.softmax.resize(s.tasks.size() * heads_per_pass);
-  if (s.acc.size() < s.tasks.size() * partial) s.acc.resize(s.tasks.size() * partial);
-  if (s.q.size() < s.tasks.size() * partial) s.q.resize(s.tasks.size() * partial);
+  place_partials(s, head_dim);
   const float scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(head_dim)));
   const std::size_t heads_span = static_cast<std::size_t>(head_dim);
 
@@ -1234,7 +1256,7 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
     constexpr int HeadDim = decltype(head_dim_constant)::value;
     auto work = [&](int t) {
       const Task& task = s.tasks[static_cast<std::size_t>(t)];
-      float* q_scaled = s.q.data() + static_cast<std::size_t>(t) * partial;  // [queries][heads][head_dim]
+      float* q_scaled = s.q.data() + task.partial_offset;  // [queries][heads][head_dim]
       const SequenceView<Storage>& view = views[static_cast<std::size_t>(task.view)];
       const int rows = task.queries * task.heads;
       for (int i = 0; i < task.queries; ++i)
@@ -1250,8 +1272,8 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
       }
       if (view.hadamard)  // q.k = (Hq).(Hk)
         for (int row = 0; row < rows; ++row) ::kvcache::detail::hadamard_transform(q_scaled + row * heads_span, head_dim);
-      run_task<HeadDim>(view, task, q_scaled, soft_cap, s.softmax.data() + static_cast<std::size_t>(t) * heads_per_pass,
-                        s.acc.data() + static_cast<std::size_t>(t) * partial, head_dim);
+      run_task<HeadDim>(view, task, q_scaled, soft_cap, s.softmax.data() + task.state_offset,
+                        s.acc.data() + task.partial_offset, head_dim);
     };
     // A call too small to repay waking the workers (a small model, a short sequence) runs on
     // the calling thread: on a busy machine a sleeping worker can take longer to be scheduled
@@ -1268,11 +1290,12 @@ void run_tasks(std::span<const SequenceView<Storage>> views, const Q* q, O* out,
   for (std::size_t t = 0; t < s.tasks.size();) {
     const Task& first = s.tasks[t];
     const int rows = first.queries * first.heads;
-    OnlineSoftmax* softmax = s.softmax.data() + t * heads_per_pass;
-    float* acc = s.acc.data() + t * partial;
+    OnlineSoftmax* softmax = s.softmax.data() + first.state_offset;
+    float* acc = s.acc.data() + first.partial_offset;
     for (int split = 1; split < first.splits; ++split) {
-      const OnlineSoftmax* other_softmax = s.softmax.data() + (t + split) * heads_per_pass;
-      const float* other_acc = s.acc.data() + (t + split) * partial;
+      const Task& other_task = s.tasks[t + static_cast<std::size_t>(split)];
+      const OnlineSoftmax* other_softmax = s.softmax.data() + other_task.state_offset;
+      const float* other_acc = s.acc.data() + other_task.partial_offset;
       for (int r = 0; r < rows; ++r) {
         float own = 0.0f, other = 0.0f;
         softmax[r].merge(other_softmax[r], &own, &other);
