@@ -192,6 +192,34 @@ TEST(Attention, ThreadedSplitsMatchOracle) {
   check_threaded<Contiguous, f32>({1, 6, 2, 40}, {.max_sequences = 5, .max_tokens = 2100});  // generic
 }
 
+// The calling thread's scratch holds one row of partial results per query head and token
+// range (a task's rows start on a cache line), not a fixed block per task: Llama-3-8B's GQA
+// (4 query heads per kv-head) at head_dim 128, two sequences of 3000 keys split in 2 ranges
+// each, is 2 x 8 x 2 tasks of 4 rows: 128 rows of 128 floats of accumulators. Run on a thread
+// of its own, whose scratch starts empty.
+TEST(Attention, ScratchHoldsOneRowPerQueryHeadAndRange) {
+  const ModelShape shape{1, 32, 8, 128};
+  KVCache<Contiguous, f16> cache(shape, {.max_sequences = 2, .max_tokens = 3000});
+  std::mt19937 rng(3);
+  const auto rows = random_values(rng, 3000 * 8 * 128);
+  std::vector<SeqId> seqs;
+  for (int i = 0; i < 2; ++i) {
+    seqs.push_back(cache.open());
+    cache.reserve(seqs.back(), 3000);
+    cache.append(0, seqs.back(), rows, rows);
+  }
+  const auto q = random_values(rng, 2 * 32 * 128);
+  std::vector<float> out(q.size());
+  std::size_t accumulators = 0, states = 0;
+  std::thread([&] {
+    attention::decode(cache, 0, std::span<const SeqId>(seqs), q, out);
+    accumulators = attention::cpu::detail::scratch().acc.size();
+    states = attention::cpu::detail::scratch().softmax.size();
+  }).join();
+  EXPECT_EQ(accumulators, 128u * 128);
+  EXPECT_EQ(states, 2u * 8 * 2 * 8);  // 4 rows per task, padded to a line of 8 states
+}
+
 // Passes of more than 4 heads score a tile as a matrix product with the heads in SIMD lanes
 // (1 to 4 registers of 16): every register count, heads that fill none of them exactly, each
 // fast head size, tiles cut short (45 = 32 + 13 keys; 13 and 29 pad to 16 and 32 rows), for
