@@ -42,18 +42,19 @@ double seconds_per_iteration(benchmark::State& state, Step&& step) {
 }
 
 template <class Layout>
-Layout policy_for(int tokens, int sequences = 1);
-template <>
-inline Contiguous policy_for<Contiguous>(int tokens, int sequences) {
-  return {.max_sequences = sequences, .max_tokens = tokens};
-}
-template <>
-inline Paged<16> policy_for<Paged<16>>(int tokens, int sequences) {
-  return {.num_blocks = sequences * Paged<16>::blocks_for(tokens), .max_sequences = sequences};
-}
-template <>
-inline SlidingWindow policy_for<SlidingWindow>(int tokens, int sequences) {
-  return {.max_sequences = sequences, .window = tokens};
+inline constexpr bool is_paged = false;
+template <int BlockTokens, class Eviction>
+inline constexpr bool is_paged<Paged<BlockTokens, Eviction>> = true;
+
+// A policy holding `sequences` sequences of `tokens` positions.
+template <class Layout>
+Layout policy_for(int tokens, int sequences = 1) {
+  if constexpr (std::same_as<Layout, Contiguous>)
+    return {.max_sequences = sequences, .max_tokens = tokens};
+  else if constexpr (is_paged<Layout>)
+    return {.num_blocks = sequences * Layout::blocks_for(tokens), .max_sequences = sequences};
+  else
+    return {.max_sequences = sequences, .window = tokens};
 }
 
 }  // namespace kvcache::bench

@@ -60,7 +60,7 @@ struct Fixture {
       const std::size_t per_layer = layer_bytes<DType>(g, tokens, batch);
       const int layers = static_cast<int>(std::max<std::size_t>(1, (working_set + per_layer - 1) / per_layer));
       Layout policy = policy_for<Layout>(tokens, batch);
-      if constexpr (std::same_as<Layout, Paged<16>>) {
+      if constexpr (is_paged<Layout>) {
         if (scattered) policy = {.num_blocks = 2 * policy.num_blocks, .max_sequences = batch + 1};
         if (blocks == Blocks::shuffled) policy = {.num_blocks = policy.num_blocks, .max_sequences = policy.num_blocks + 1, .max_tokens = tokens};
       }
@@ -70,21 +70,23 @@ struct Fixture {
       const auto v = random_values(k.size(), 2);
       std::mt19937 rng(5);
       if (blocks == Blocks::shuffled) {
-        if constexpr (std::same_as<Layout, Paged<16>>) {
+        if constexpr (is_paged<Layout>) {
           std::vector<SeqId> ones;
-          for (int b = 0; b < policy.num_blocks; ++b) ones.push_back(cache.open()), cache.reserve(ones.back(), 16);
+          for (int b = 0; b < policy.num_blocks; ++b) ones.push_back(cache.open()), cache.reserve(ones.back(), Layout::block_tokens);
           std::shuffle(ones.begin(), ones.end(), rng);
           for (SeqId one : ones) cache.release(one);
         }
       }
       const SeqId other = scattered ? cache.open() : SeqId{};
+      int block = 1;  // tokens per block of a paged layout
+      if constexpr (is_paged<Layout>) block = Layout::block_tokens;
       for (int i = 0; i < batch; ++i) {
         const SeqId seq = cache.open();
         if (scattered) {
           for (int reserved = 0; reserved < tokens;) {
-            reserved = std::min(tokens, reserved + 16 * std::uniform_int_distribution<int>(1, 4)(rng));
+            reserved = std::min(tokens, reserved + block * std::uniform_int_distribution<int>(1, 4)(rng));
             cache.reserve(seq, reserved);
-            const int more = cache.reserved(other) + 16 * std::uniform_int_distribution<int>(0, 3)(rng);
+            const int more = cache.reserved(other) + block * std::uniform_int_distribution<int>(0, 3)(rng);
             if (cache.can_reserve(other, more)) cache.reserve(other, more);
           }
         }
@@ -181,6 +183,9 @@ const bool registered = [] {
   register_decode<Paged<16>, f16>(geometries[0], "paged16_scattered", Blocks::scattered);
   register_decode<Paged<16>, f32>(geometries[0], "paged16_shuffled", Blocks::shuffled);
   register_decode<Paged<16>, f16>(geometries[0], "paged16_shuffled", Blocks::shuffled);
+  // Larger blocks in a shuffled pool: how much of paged16_shuffled's loss they take back.
+  register_decode<Paged<32>, f16>(geometries[0], "paged32_shuffled", Blocks::shuffled);
+  register_decode<Paged<64>, f16>(geometries[0], "paged64_shuffled", Blocks::shuffled);
   return true;
 }();
 
