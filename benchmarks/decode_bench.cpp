@@ -2,7 +2,9 @@
 // context lengths, batch sizes and thread counts, the bytes of K/V read per second and the
 // fraction of the roofline (max(bytes / read rate, flops / FMA rate), both rates measured in
 // this same run by roofline.hpp: the FMA rate once, the read rate just before and just after
-// each benchmark, the higher taken) that the kernel reaches.
+// each benchmark, the higher taken) that the kernel reaches. Element types whose kernels
+// multiply-add 16-bit integers (int8, int4 with AVX-512 VNNI or AVX2) are judged by the
+// same-run integer multiply-add rate instead of the FMA rate.
 //
 // Each benchmark cycles through the layers of a cache holding at least 1 GiB of K/V, so every
 // layer is cold when it is read, as in real decoding.
@@ -140,7 +142,8 @@ void run_decode(benchmark::State& state, const Geometry& g, int tokens, int batc
   state.counters["threads"] = threads;
   state.counters["working_set_gib"] = static_cast<double>(bytes * layers) / (1 << 30);
   state.counters["bytes_per_second"] = Counter(bytes, Counter::kIsIterationInvariantRate);
-  state.counters["roofline_fraction"] = ceiling.seconds(bytes, flops) / seconds;
+  const bool integer = attention::cpu::uses_integer_dot_products<typename DType::storage_type>(g.head_dim);
+  state.counters["roofline_fraction"] = ceiling.seconds(bytes, flops, integer) / seconds;
   state.counters["read_bytes_per_second"] = ceiling.read_bytes_per_second;
 }
 
@@ -284,12 +287,13 @@ const bool in_cache_registered = [] {
   return true;
 }();
 
-// The two ceilings themselves, as benchmarks of their own.
+// The ceilings themselves, as benchmarks of their own.
 void Roofline_read(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
   for (auto _ : state) benchmark::DoNotOptimize(roofline(threads));
   state.counters["read_bytes_per_second"] = roofline(threads).read_bytes_per_second;
   state.counters["flops_per_second"] = roofline(threads).flops_per_second;
+  state.counters["integer_flops_per_second"] = roofline(threads).integer_flops_per_second;
   state.counters["threads"] = threads;
 }
 BENCHMARK(Roofline_read)->Arg(1)->Arg(2)->Iterations(1);

@@ -1,6 +1,7 @@
-// The two ceilings of this machine, measured in the same process as the kernels they judge:
-// how fast `threads` threads read memory far larger than any cache, and how many fp32 FMAs
-// per second they issue. A kernel's roofline time is max(bytes / read rate, flops / FMA rate).
+// The ceilings of this machine, measured in the same process as the kernels they judge: how
+// fast `threads` threads read memory far larger than any cache, and how many fp32 FMAs per
+// second they issue (and 16-bit integer multiply-adds, for the kernels that use them). A
+// kernel's roofline time is max(bytes / read rate, flops / FMA rate).
 #pragma once
 
 #include <kvcache/backend/cpu.hpp>
@@ -20,9 +21,15 @@ struct Roofline {
   double read_bytes_per_second = 0;
   double flops_per_second = 0;
   int read_pattern = 0;  // the fastest of detail::read_patterns
+  // 16-bit integer multiply-adds per second, times 2 like flops: the compute ceiling of kernels
+  // that multiply-add integer codes (attention::cpu::uses_integer_dot_products) instead of
+  // fp32 FMAs; 0 where the build has no such instructions.
+  double integer_flops_per_second = 0;
 
-  double seconds(double bytes, double flops) const {
-    return std::max(bytes / read_bytes_per_second, flops / flops_per_second);
+  // `integer`: the flops are integer multiply-adds.
+  double seconds(double bytes, double flops, bool integer = false) const {
+    const double compute = integer && integer_flops_per_second > 0 ? integer_flops_per_second : flops_per_second;
+    return std::max(bytes / read_bytes_per_second, flops / compute);
   }
 };
 
@@ -135,6 +142,32 @@ inline double measure_fma(int threads) {
   return 2.0 * chains * width * static_cast<double>(iterations) * threads / seconds;
 }
 
+// As measure_fma, for 16-bit integer multiply-adds (simd::dot_add: word_width products each).
+inline double measure_integer_multiply_adds([[maybe_unused]] int threads) {
+#if defined(KVCACHE_SIMD_INTEGER_DOT)
+  namespace simd = kvcache::detail::simd;
+  constexpr int chains = 12;
+  constexpr long iterations = 20'000'000;
+  std::vector<float> sink(static_cast<std::size_t>(threads));
+  auto run = [&](int t) {
+    volatile std::int16_t one = 1;  // operands the compiler cannot see, so it cannot fold the sums
+    const std::int16_t pair[2] = {one, static_cast<std::int16_t>(-one)};
+    const simd::words a = simd::broadcast_pair(pair), b = simd::broadcast_pair(pair);
+    simd::ints acc[chains];
+    for (int c = 0; c < chains; ++c) acc[c] = simd::zero_ints();
+    for (long i = 0; i < iterations; ++i)
+      for (int c = 0; c < chains; ++c) acc[c] = simd::dot_add(acc[c], a, b);
+    simd::ints total = acc[0];
+    for (int c = 1; c < chains; ++c) total = simd::add(total, acc[c]);
+    sink[static_cast<std::size_t>(t)] = simd::sum(simd::to_float(total));
+  };
+  const double seconds = best_seconds(5, [&] { backend::cpu::pool().run(threads, run); });
+  return 2.0 * chains * simd::word_width * static_cast<double>(iterations) * threads / seconds;
+#else
+  return 0.0;
+#endif
+}
+
 }  // namespace detail
 
 // Measured once per thread count, on first use (every read pattern, best of 5 runs each).
@@ -144,7 +177,7 @@ inline const Roofline& roofline(int threads) {
   if (backend::cpu::threads() != threads) backend::cpu::set_threads(threads);
   auto found = measured.find(threads);
   if (found == measured.end()) {
-    Roofline ceiling{0.0, detail::measure_fma(threads), 0};
+    Roofline ceiling{0.0, detail::measure_fma(threads), 0, detail::measure_integer_multiply_adds(threads)};
     for (int i = 0; i < static_cast<int>(std::size(detail::read_patterns)); ++i) {
       const double rate = detail::measure_read(threads, detail::read_patterns[i], 5);
       if (rate > ceiling.read_bytes_per_second) ceiling.read_bytes_per_second = rate, ceiling.read_pattern = i;
