@@ -1,7 +1,7 @@
 // The ceilings of this machine, measured in the same process as the kernels they judge: how
 // fast `threads` threads read memory far larger than any cache, and how many fp32 FMAs per
 // second they issue (and 16-bit integer multiply-adds, for the kernels that use them). A
-// kernel's roofline time is max(bytes / read rate, flops / FMA rate).
+// kernel's roofline time is max(bytes / read rate, flops / FMA rate (or integer rate)).
 #pragma once
 
 #include <kvcache/backend/cpu.hpp>
