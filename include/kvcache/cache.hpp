@@ -751,7 +751,7 @@ class KVCache {
   // paged cache's decode about a fifth slower than a contiguous one's at two threads). Nor did
   // page-major pools pay when decode read each block whole, every kv-head in turn, so that even
   // scattered blocks are long runs: on a Zen 5 EPYC (Llama-3-8B, T = 16k) consecutive 16-token
-  // blocks took 1.09-1.49x the time, scattered ones 0.88-1.32x (64-token ones 0.78-0.95x), as
+  // blocks took 1.06-1.49x the time, scattered ones 0.88-1.32x (64-token ones 0.78-0.95x), as
   // every kv-head's queries and accumulators (32 KiB) then share L1 with the tiles.
   storage_type* pool(int layer, int kind) const {
     return reinterpret_cast<storage_type*>(memory_.get() + (scales_first ? scale_bytes_ : 0)) +
