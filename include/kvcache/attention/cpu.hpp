@@ -1196,9 +1196,9 @@ struct Scratch {
 // Gives each task of `s` its rows in the scratch, one task after another, and grows the
 // scratch to hold them. Each task's states and elements begin a whole number of 64-byte lines
 // after the start of their array, so threads writing neighbouring tasks share no line (where
-// the array starts on one: the floats do with AVX-512's 64-byte Eigen alignment). Rows, not heads_per_pass rows per task: a
-// decode task of 4 heads at head_dim 128 takes 2 KiB of accumulators instead of 32 KiB (a
-// batch of 8 at T = 16k has 1024 tasks).
+// the array starts on one: the floats do with AVX-512's 64-byte Eigen alignment). Its rows,
+// not heads_per_pass rows per task: a decode task of 4 heads at head_dim 128 takes 2 KiB of
+// accumulators instead of 32 KiB (a batch of 8 at T = 16k has 1024 tasks).
 inline void place_partials(Scratch& s, int head_dim) {
   constexpr std::size_t line_floats = 16, line_states = 64 / sizeof(OnlineSoftmax);
   auto round_up = [](std::size_t n, std::size_t step) { return (n + step - 1) / step * step; };
