@@ -21,7 +21,9 @@
 // Prefill runs the same kernel with a block of queries as extra rows: keys before the block are
 // visible to all of its queries and read once for all of them. Passes of more than 4 rows
 // (prefill, MQA) are bound by the FMAs, not memory: with AVX-512 they score a K tile as a small
-// matrix product with the heads in SIMD lanes (score_product) and convert a V tile once.
+// matrix product with the heads in SIMD lanes (score_product; int8 with integer multiply-adds,
+// score_product_integer) and convert a V tile once (integer codes: interleave it once,
+// pack_word_pairs).
 //
 // The fast path needs AVX-512 or AVX2+FMA+F16C and head_dim 64, 128 or 256; every other case
 // takes a portable Eigen path with the same structure. Nothing here allocates once a thread has
@@ -91,7 +93,11 @@ concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 // next tile's work cannot hide (64 rows of 64 bytes: 39.8 -> 36.6 cycles per row in L2 against
 // 32). Passes of more heads (prefill, MQA) are bound by the FMAs and load and store their
 // accumulators once per tile: 32 rows (f32 prefill measured 0.25 of the FMA peak with 8 rows,
-// 0.53 with 32).
+// 0.53 with 32). Such passes over integer codes with AVX-512 take 64 (tile_rows), as their work per row is
+// half the FMAs' and the per-tile work (rounding the weights, adding the sums to acc) weighs
+// twice as much: MQA at T = 16k (one pinned thread of the Zen 5 EPYC, median of 4 runs taken
+// in turn) took 0.97 of the time with int8 and 0.91 with int4, where f16 was even and bf16
+// 1.05x slower.
 inline constexpr int product_rows = 32;  // rows per tile of a pass of more than 4 heads
 
 // Whether this is an AMD processor, whose decode settings differ (row_tile_bytes,
@@ -112,9 +118,10 @@ inline bool amd_processor() {
 // K bytes per decode tile of a row type (above): 4 KiB on AMD processors, 2 KiB elsewhere.
 inline std::size_t row_tile_bytes() { return amd_processor() ? 4096 : 2048; }
 
-inline int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized) {
+inline int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized, bool integer) {
   const std::size_t tile_bytes = group_quantized ? 4096 : row_tile_bytes();
-  return heads > 4 ? product_rows : static_cast<int>(std::clamp<std::size_t>(tile_bytes / row_bytes, 8, tile_rows));
+  if (heads > 4) return integer ? tile_rows : product_rows;
+  return static_cast<int>(std::clamp<std::size_t>(tile_bytes / row_bytes, 8, tile_rows));
 }
 
 // Calls f with std::integral_constant<int, n> for the largest n in {4, 2, 1} not above
@@ -465,6 +472,20 @@ void score_keys(const float* k, const float* q_t, float* scores_t) {
     for (int i = 0; i < Vectors; ++i) simd::store(scores_t + key * lanes + i * width, sums[key][i]);
 }
 
+// scores[h][r] = scores_t[r][h] for the first `rows` rows (a multiple of 16) and Vectors
+// registers of heads.
+template <int Vectors>
+void transpose_scores(const float (*scores_t)[Vectors * simd::width], int rows, float (*scores)[tile_rows]) {
+  constexpr int width = simd::width;
+  for (int first = 0; first < rows; first += width)
+    for (int i = 0; i < Vectors; ++i) {
+      simd::floats sums[width];
+      for (int r = 0; r < width; ++r) sums[r] = simd::load(scores_t[first + r] + i * width);
+      simd::transpose(sums);
+      for (int h = 0; h < width; ++h) simd::store(scores[i * width + h] + first, sums[h]);
+    }
+}
+
 // scores[h][r] = q_h . k_r for the heads of q_t (Vectors registers of lanes) and `rows` rows of
 // k ([rows][HeadDim]), converted a block at a time, up to a multiple of 16 rows (the scores
 // past `rows` are of zero rows). Blocks of 8 keys x 1-2 registers of heads or 4 x 3-4 keep 8-16
@@ -483,13 +504,7 @@ void score_product(const Storage* k, int rows, const float* q_t, float (*scores)
     pack_rows<HeadDim>(k + first * HeadDim / units, count, keys, block);
     score_keys<HeadDim, Vectors, keys>(block, q_t, scores_t[first]);
   }
-  for (int first = 0; first < padded; first += width)
-    for (int i = 0; i < Vectors; ++i) {
-      simd::floats sums[width];
-      for (int r = 0; r < width; ++r) sums[r] = simd::load(scores_t[first + r] + i * width);
-      simd::transpose(sums);
-      for (int h = 0; h < width; ++h) simd::store(scores[i * width + h] + first, sums[h]);
-    }
+  transpose_scores<Vectors>(scores_t, padded, scores);
 }
 
 // score_product for `heads` rows of q_t ([HeadDim][lanes], lanes = heads rounded up to 16).
@@ -591,9 +606,10 @@ void score_key_group_integer(const int4x2* group, int first, int count, const st
 // does the work of two FMAs. The sums are exact in 32-bit lanes (at most tile_rows * 128 *
 // 32767 < 2^31) and added to acc, times the unit, once per tile. A weight moves by at most its
 // unit / 2: 2^-16 of the tile's largest weight.
+// packed, where given: v's codes already interleaved (pack_word_pairs), read instead of v's.
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
-                             RowsAhead<Storage> ahead) {
+                             RowsAhead<Storage> ahead, const std::int16_t* packed) {
   constexpr int pairs = simd::pair_vectors, block = pairs * simd::width;  // elements per load_word_pairs
   constexpr int units = elements_per_unit<Storage>;
   static_assert(HeadDim % block == 0);
@@ -619,14 +635,19 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
     for (int h = 0; h < Heads; ++h)
       for (int i = 0; i < pairs; ++i) sums[h][i] = simd::zero_ints();
     for (int r = 0; r < rows; r += 2) {
-      const Storage* a = v + (r * HeadDim + j) / units;
-      const Storage* b = r + 1 < rows ? a + HeadDim / units : a;  // an odd last row pairs with itself, weight 0
       if (j == 0) {
         ahead.template ask<HeadDim>(r);
         if (r + 1 < rows) ahead.template ask<HeadDim>(r + 1);
       }
       simd::words codes[pairs];
-      simd::load_word_pairs(a, b, codes);
+      if (packed == nullptr) {
+        const Storage* a = v + (r * HeadDim + j) / units;
+        const Storage* b = r + 1 < rows ? a + HeadDim / units : a;  // an odd last row pairs with itself, weight 0
+        simd::load_word_pairs(a, b, codes);
+      } else {
+        for (int i = 0; i < pairs; ++i)
+          codes[i] = simd::load_words(packed + ((r / 2 * HeadDim + j) / block * pairs + i) * simd::word_width);
+      }
       for (int h = 0; h < Heads; ++h) {
         const simd::words pair = simd::broadcast_pair(weight[h] + r);
         for (int i = 0; i < pairs; ++i) sums[h][i] = simd::dot_add(sums[h][i], codes[i], pair);
@@ -640,6 +661,113 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
         float* at = acc + h * HeadDim + j + i * simd::width;
         simd::store(at, simd::fma(in_order[i], scale, simd::load(at)));
       }
+    }
+  }
+}
+#endif
+
+#if defined(KVCACHE_SIMD_INTEGER_DOT) && KVCACHE_SIMD_WIDTH == 16
+// Passes of more than 4 heads over int8 keys (MQA's group, prefill's queries x heads) score a
+// tile as score_product does, with integers: the queries' words transposed once per call into
+// pairs (transpose_query_pairs), so that a register holds one pair of elements of 16 heads, and
+// each key's pair of codes broadcast against them. The codes widen to words once per tile, not
+// once per chunk of 4 heads, and no per-row reductions are left.
+
+// q_pairs[p][lane] = the words q[lane][2p], q[lane][2p + 1] as one 32-bit pair (the first in the
+// low half), for the lanes below `heads`, 0 for the others up to `lanes` (heads rounded up to
+// simd::width); unit[lane] = 0 for those others.
+//   q: [heads][HeadDim] words; q_pairs: [HeadDim / 2][lanes]
+template <int HeadDim>
+void transpose_query_pairs(const std::int16_t* q, int heads, std::int32_t* q_pairs, float* unit) {
+  const int lanes = (heads + simd::width - 1) / simd::width * simd::width;
+  for (int lane = 0; lane < lanes; ++lane)
+    for (int p = 0; p < HeadDim / 2; ++p) {
+      std::int32_t pair = 0;
+      if (lane < heads) std::memcpy(&pair, q + lane * HeadDim + 2 * p, sizeof pair);
+      q_pairs[p * lanes + lane] = pair;
+    }
+  std::fill(unit + heads, unit + lanes, 0.0f);
+}
+
+// sums_t[key][lane] = k_key . (column `lane` of q_pairs), exactly, for Keys rows of words
+// ([Keys][HeadDim]) and Vectors registers of lanes; q_pairs: [HeadDim / 2][Vectors * 16].
+// (A function of its own, as score_keys: inlined into its caller, GCC 12 moved the sums
+// between registers and the stack every step.)
+template <int HeadDim, int Vectors, int Keys>
+void score_key_pairs(const std::int16_t* k, const std::int32_t* q_pairs, std::int32_t* sums_t) {
+  constexpr int width = simd::width, lanes = Vectors * width;
+  simd::ints sums[Keys][Vectors];
+  for (int key = 0; key < Keys; ++key)
+    for (int i = 0; i < Vectors; ++i) sums[key][i] = simd::zero_ints();
+  for (int p = 0; p < HeadDim / 2; ++p) {
+    simd::words query[Vectors];
+    for (int i = 0; i < Vectors; ++i)
+      query[i] = simd::load_words(reinterpret_cast<const std::int16_t*>(q_pairs + p * lanes + i * width));
+    for (int key = 0; key < Keys; ++key) {
+      const simd::words pair = simd::broadcast_pair(k + key * HeadDim + 2 * p);
+      for (int i = 0; i < Vectors; ++i) sums[key][i] = simd::dot_add(sums[key][i], query[i], pair);
+    }
+  }
+  for (int key = 0; key < Keys; ++key)
+    for (int i = 0; i < Vectors; ++i) simd::store(sums_t + key * lanes + i * width, sums[key][i]);
+}
+
+// score_product for int8 rows of k: scores[h][r] = q_h . k_r times unit[h] and the row's scale,
+// for the heads of q_pairs (Vectors registers of lanes), up to a multiple of simd::width rows
+// (those past `rows` are of zero codes). The codes widen to words a block of keys at a time.
+template <int HeadDim, int Vectors>
+void score_product_integer(const std::int8_t* k, int rows, const std::int32_t* q_pairs, const float* unit,
+                           const float* row_scale, float (*scores)[tile_rows], RowsAhead<std::int8_t> ahead) {
+  constexpr int width = simd::width, lanes = Vectors * width, keys = Vectors <= 2 ? 8 : 4;
+  constexpr int vectors = HeadDim / simd::word_width;  // of words per row
+  alignas(64) float scores_t[tile_rows][lanes];
+  alignas(64) std::int32_t sums_t[keys][lanes];
+  alignas(64) std::int16_t block[keys * HeadDim];
+  const int padded = (rows + width - 1) / width * width;
+  for (int first = 0; first < padded; first += keys) {
+    const int count = std::clamp(rows - first, 0, keys);
+    for (int r = first; r < first + count; ++r) ahead.template ask<HeadDim>(r);
+    for (int key = 0; key < keys; ++key)
+      for (int j = 0; j < vectors; ++j)
+        simd::store(block + key * HeadDim + j * simd::word_width,
+                    key < count ? simd::load_words(k + (first + key) * HeadDim + j * simd::word_width)
+                                : simd::zero_ints());
+    score_key_pairs<HeadDim, Vectors, keys>(block, q_pairs, &sums_t[0][0]);
+    for (int key = 0; key < keys; ++key) {
+      const simd::floats scale = simd::broadcast(key < count && row_scale != nullptr ? row_scale[first + key] : 1.0f);
+      for (int i = 0; i < Vectors; ++i)
+        simd::store(scores_t[first + key] + i * width,
+                    simd::mul(simd::to_float(simd::load_ints(sums_t[key] + i * width)), simd::mul(simd::load(unit + i * width), scale)));
+    }
+  }
+  transpose_scores<Vectors>(scores_t, padded, scores);
+}
+
+// score_product_integer for `heads` rows of q_pairs ([HeadDim / 2][lanes]).
+template <int HeadDim>
+void score_product_integer(const std::int8_t* k, int rows, const std::int32_t* q_pairs, const float* unit, int heads,
+                           const float* row_scale, float (*scores)[tile_rows], RowsAhead<std::int8_t> ahead) {
+  switch ((heads + simd::width - 1) / simd::width) {
+    case 1: return score_product_integer<HeadDim, 1>(k, rows, q_pairs, unit, row_scale, scores, ahead);
+    case 2: return score_product_integer<HeadDim, 2>(k, rows, q_pairs, unit, row_scale, scores, ahead);
+    case 3: return score_product_integer<HeadDim, 3>(k, rows, q_pairs, unit, row_scale, scores, ahead);
+    default: return score_product_integer<HeadDim, 4>(k, rows, q_pairs, unit, row_scale, scores, ahead);
+  }
+}
+
+// The codes of `rows` integer rows of v interleaved into word pairs as load_word_pairs makes
+// them, once per tile for the passes of more than 4 heads (an odd last row paired with itself).
+//   out: [(rows + 1) / 2][HeadDim / (pair_vectors * word pairs per vector)][pair_vectors] vectors
+template <int HeadDim, class Storage>
+void pack_word_pairs(const Storage* v, int rows, std::int16_t* out) {
+  constexpr int pairs = simd::pair_vectors, block = pairs * simd::width, units = elements_per_unit<Storage>;
+  for (int r = 0; r < rows; r += 2) {
+    const Storage* a = v + r * HeadDim / units;
+    const Storage* b = r + 1 < rows ? a + HeadDim / units : a;
+    for (int j = 0; j < HeadDim; j += block) {
+      simd::words codes[pairs];
+      simd::load_word_pairs(a + j / units, b + j / units, codes);
+      for (int i = 0; i < pairs; ++i) simd::store(out + ((r / 2 * HeadDim + j) / block * pairs + i) * simd::word_width, codes[i]);
     }
   }
 }
@@ -678,11 +806,21 @@ void score_key_group_integer(const int4x2* group, int first, int count, const st
                              const float* bias, float (*scores)[tile_rows], int column, RowsAhead<int4x2> ahead);
 template <int HeadDim, int Heads, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
-                             RowsAhead<Storage> ahead);
+                             RowsAhead<Storage> ahead, const std::int16_t* packed);
 template <int HeadDim>
 void round_group_queries(const float* q, int heads, const float* params, float* scaled, std::int16_t* words,
                          float* unit, float* bias);
 void round_queries(const float* q, int heads, int head_dim, std::int16_t* words, float* unit);
+#endif
+
+#if !defined(KVCACHE_SIMD_INTEGER_DOT) || KVCACHE_SIMD_WIDTH != 16  // declared for the discarded branches
+template <int HeadDim>
+void transpose_query_pairs(const std::int16_t* q, int heads, std::int32_t* q_pairs, float* unit);
+template <int HeadDim>
+void score_product_integer(const std::int8_t* k, int rows, const std::int32_t* q_pairs, const float* unit, int heads,
+                           const float* row_scale, float (*scores)[tile_rows], RowsAhead<std::int8_t> ahead);
+template <int HeadDim, class Storage>
+void pack_word_pairs(const Storage* v, int rows, std::int16_t* out);
 #endif
 
 // Codes scored and accumulated with integer multiply-adds (AVX-512 VNNI, AVX2) against queries and
@@ -794,6 +932,8 @@ enum class Buffer {
   rounded_queries,     // words: the queries rounded for integer scoring
   transposed_queries,  // floats: the queries of score_product
   packed_values,       // floats: a V tile as fp32 rows (passes of score_product)
+  query_pairs,         // 32-bit word pairs: the queries of score_product_integer
+  packed_pairs,        // words: a V tile's codes as word pairs (integer passes of more than 4 heads)
   transposed_keys,     // floats: a K tile, element-major (the portable path's scoring)
 };
 
@@ -860,6 +1000,10 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
   float* q_t = nullptr;
   float* packed_v = nullptr;  // [product_rows][HeadDim]
   float* keys_t = nullptr;    // the portable path's transposed K tile, made on first use
+  // Such passes over integer codes (AVX-512): the rounded queries of int8 keys as word pairs,
+  // and room for a V tile's codes as word pairs; made on first use.
+  std::int32_t* q_pairs = nullptr;
+  std::int16_t* packed_pairs = nullptr;  // [tile_rows][HeadDim]
   // Segments of the cache's storage, or the full-precision residual rows of group-quantized
   // types (S = float).
   auto run_rows = [&]<class S>(const Segment<S>& segment, int begin, int end) {
@@ -872,6 +1016,16 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         q_t = thread_buffer<float, Buffer::transposed_queries>(static_cast<std::size_t>(heads_per_pass) * HeadDim);
         transpose_queries<HeadDim>(q, heads, q_t);
         packed_v = thread_buffer<float, Buffer::packed_values>(static_cast<std::size_t>(product_rows) * HeadDim);
+      }
+    constexpr bool integer_product = integer && simd::width == 16;
+    const bool integer_product_pass = integer_product && heads > most_heads;
+    if constexpr (integer_product)
+      if (integer_product_pass && packed_pairs == nullptr) {
+        packed_pairs = thread_buffer<std::int16_t, Buffer::packed_pairs>(static_cast<std::size_t>(tile_rows) * HeadDim);
+        if constexpr (!group_quantized) {
+          q_pairs = thread_buffer<std::int32_t, Buffer::query_pairs>(static_cast<std::size_t>(heads_per_pass) * HeadDim / 2);
+          transpose_query_pairs<HeadDim>(q_words, heads, q_pairs, q_unit);
+        }
       }
     const int units = head_dim / elements_per_unit<S>;  // storage units per row
     // K parameter groups from one kv-head's to the next (int4 keeps them per kv-head like the rows)
@@ -892,7 +1046,7 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         scale_queries(q, heads, head_dim, params, q_group, bias);
       scaled_group = params;
     };
-    const int most_rows = rows_per_tile(units * sizeof(S), heads, group_quantized);
+    const int most_rows = rows_per_tile(units * sizeof(S), heads, group_quantized, integer_product);
     for (int tile = begin, rows = 0; tile < end; tile += rows) {
       rows = std::min(most_rows, end - tile);
       if constexpr (group_quantized && !integer)  // one K group per tile (integer scoring takes them in parts)
@@ -942,8 +1096,14 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         }
       }
       if constexpr (integer) {
+        bool scored = false;
+        if constexpr (integer_product && !group_quantized)
+          if (integer_product_pass) {
+            score_product_integer<HeadDim>(k, rows, q_pairs, q_unit, heads, k_scale, scores, RowsAhead<S>{next_k});
+            scored = true;
+          }
         // In parts of one K group each for int4 (whose queries depend on the group), else whole.
-        for (int part = 0, part_rows = 0; part < rows; part += part_rows) {
+        for (int part = 0, part_rows = 0; !scored && part < rows; part += part_rows) {
           part_rows = rows - part;
           if constexpr (group_quantized) {
             part_rows = std::min(part_rows, group_end(tile + part) - (tile + part));
@@ -1058,11 +1218,18 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         scale_scores(scores, heads, rows, v_scale);
       }
       if constexpr (integer) {
+        // A pass of more than 4 heads interleaves a V tile's codes once, not once per 4 heads.
+        const std::int16_t* pairs = nullptr;
+        if constexpr (integer_product)
+          if (integer_product_pass) {
+            pack_word_pairs<HeadDim>(v, rows, packed_pairs);
+            pairs = packed_pairs;
+          }
         for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
           first += dispatch_heads(heads - first, [&](auto chunk) {
             accumulate_rows_integer<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
                                                                      acc + static_cast<std::size_t>(first) * HeadDim,
-                                                                     {next_v, first / most_heads, passes});
+                                                                     {next_v, first / most_heads, passes}, pairs);
           });
       } else if constexpr (use_simd<HeadDim>) {
         // A product pass converts a V tile of f16, bf16 or fp8 once, not once per 4 heads.

@@ -169,6 +169,9 @@ using words = __m512i;
 using ints = __m512i;  // 16 int32 lanes
 
 inline words load_words(const std::int16_t* p) { return _mm512_loadu_si512(p); }
+inline void store(std::int16_t* p, words v) { _mm512_storeu_si512(p, v); }
+inline ints load_ints(const std::int32_t* p) { return _mm512_loadu_si512(p); }
+inline void store(std::int32_t* p, ints v) { _mm512_storeu_si512(p, v); }
 // 32 int8 codes as words, in order.
 inline words load_words(const std::int8_t* p) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -379,6 +382,9 @@ using words = __m256i;
 using ints = __m256i;  // 8 int32 lanes
 
 inline words load_words(const std::int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store(std::int16_t* p, words v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline ints load_ints(const std::int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store(std::int32_t* p, ints v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 inline words load_words(const std::int8_t* p) {  // 16 int8 codes as words, in order
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
