@@ -606,8 +606,9 @@ void score_key_group_integer(const int4x2* group, int first, int count, const st
 // does the work of two FMAs. The sums are exact in 32-bit lanes (at most tile_rows * 128 *
 // 32767 < 2^31) and added to acc, times the unit, once per tile. A weight moves by at most its
 // unit / 2: 2^-16 of the tile's largest weight.
-// packed, where given: v's codes already interleaved (pack_word_pairs), read instead of v's.
-template <int HeadDim, int Heads, class Storage>
+// Packed: v's codes are read as pack_word_pairs left them at `packed` instead (a test in the
+// loop made MHA's passes of one head 1.03x slower).
+template <int HeadDim, int Heads, bool Packed, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
                              RowsAhead<Storage> ahead, const std::int16_t* packed) {
   constexpr int pairs = simd::pair_vectors, block = pairs * simd::width;  // elements per load_word_pairs
@@ -640,7 +641,7 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
         if (r + 1 < rows) ahead.template ask<HeadDim>(r + 1);
       }
       simd::words codes[pairs];
-      if (packed == nullptr) {
+      if constexpr (!Packed) {
         const Storage* a = v + (r * HeadDim + j) / units;
         const Storage* b = r + 1 < rows ? a + HeadDim / units : a;  // an odd last row pairs with itself, weight 0
         simd::load_word_pairs(a, b, codes);
@@ -804,7 +805,7 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
 template <int HeadDim, int Heads>
 void score_key_group_integer(const int4x2* group, int first, int count, const std::int16_t* q, const float* unit,
                              const float* bias, float (*scores)[tile_rows], int column, RowsAhead<int4x2> ahead);
-template <int HeadDim, int Heads, class Storage>
+template <int HeadDim, int Heads, bool Packed, class Storage>
 void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_rows], float* acc,
                              RowsAhead<Storage> ahead, const std::int16_t* packed);
 template <int HeadDim>
@@ -1218,19 +1219,23 @@ void accumulate(const SequenceView<Storage>& view, int kv_head, int query, int l
         scale_scores(scores, heads, rows, v_scale);
       }
       if constexpr (integer) {
+        auto accumulate_chunks = [&](auto packed) {
+          for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
+            first += dispatch_heads(heads - first, [&](auto chunk) {
+              accumulate_rows_integer<HeadDim, decltype(chunk)::value, decltype(packed)::value>(
+                  v, rows, scores + first, acc + static_cast<std::size_t>(first) * HeadDim,
+                  {next_v, first / most_heads, passes}, packed_pairs);
+            });
+        };
         // A pass of more than 4 heads interleaves a V tile's codes once, not once per 4 heads.
-        const std::int16_t* pairs = nullptr;
+        bool packed = false;
         if constexpr (integer_product)
           if (integer_product_pass) {
             pack_word_pairs<HeadDim>(v, rows, packed_pairs);
-            pairs = packed_pairs;
+            accumulate_chunks(std::true_type{});
+            packed = true;
           }
-        for (int first = 0; first < heads;)  // V tile stays in L1 across the chunks
-          first += dispatch_heads(heads - first, [&](auto chunk) {
-            accumulate_rows_integer<HeadDim, decltype(chunk)::value>(v, rows, scores + first,
-                                                                     acc + static_cast<std::size_t>(first) * HeadDim,
-                                                                     {next_v, first / most_heads, passes}, pairs);
-          });
+        if (!packed) accumulate_chunks(std::false_type{});
       } else if constexpr (use_simd<HeadDim>) {
         // A product pass converts a V tile of f16, bf16 or fp8 once, not once per 4 heads.
         bool packed = false;
