@@ -531,6 +531,18 @@ template <int HeadDim, int Heads, class Storage>
 void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const float* unit, const float* row_scale,
                         const float* bias, float (*scores)[tile_rows], int column, RowsAhead<Storage> ahead) {
   constexpr int width = simd::width, vectors = HeadDim / simd::word_width, units = elements_per_unit<Storage>;
+  // The queries stay in registers across the rows where they take at most half of AVX-512's 32:
+  // loaded for every row, one pinned Zen 5 core took 1.09x the time for Llama-3-8B's int8 rows
+  // of 4 heads (in L2).
+  constexpr bool held = simd::width == 16 && Heads * vectors <= 16;
+  simd::words query[held ? Heads : 1][held ? vectors : 1];
+  if constexpr (held)
+    for (int h = 0; h < Heads; ++h)
+      for (int j = 0; j < vectors; ++j) query[h][j] = simd::load_words(q + h * HeadDim + j * simd::word_width);
+  auto query_words = [&](int h, int j) {
+    if constexpr (held) return query[h][j];
+    else return simd::load_words(q + h * HeadDim + j * simd::word_width);
+  };
   for (int first = 0; first < rows; first += width) {
     const int count = std::min(width, rows - first);
     simd::ints partial[Heads][width];
@@ -547,7 +559,7 @@ void score_rows_integer(const Storage* k, int rows, const std::int16_t* q, const
         }
         for (int h = 0; h < Heads; ++h)
           for (int j = 0; j < vectors; ++j)
-            sums[h] = simd::dot_add(sums[h], simd::load_words(q + h * HeadDim + j * simd::word_width), key[j]);
+            sums[h] = simd::dot_add(sums[h], query_words(h, j), key[j]);
       }
       for (int h = 0; h < Heads; ++h) partial[h][r] = sums[h];
     }
