@@ -93,11 +93,11 @@ concept GroupQuantizedStorage = std::same_as<Storage, int4x2>;
 // next tile's work cannot hide (64 rows of 64 bytes: 39.8 -> 36.6 cycles per row in L2 against
 // 32). Passes of more heads (prefill, MQA) are bound by the FMAs and load and store their
 // accumulators once per tile: 32 rows (f32 prefill measured 0.25 of the FMA peak with 8 rows,
-// 0.53 with 32). Such passes over integer codes with AVX-512 take 64 (tile_rows), as their work per row is
-// half the FMAs' and the per-tile work (rounding the weights, adding the sums to acc) weighs
-// twice as much: MQA at T = 16k (one pinned thread of the Zen 5 EPYC, median of 4 runs taken
-// in turn) took 0.97 of the time with int8 and 0.91 with int4, where f16 was even and bf16
-// 1.05x slower.
+// 0.53 with 32). Such passes over integer codes with AVX-512 take 64 (tile_rows): their work
+// per row is half the FMAs', so the per-tile work (rounding the weights, adding the sums to
+// acc) weighs twice as much. MQA at T = 16k (one pinned thread of the Zen 5 EPYC, medians of 4
+// runs taken in turn) took 0.97 of the time with int8 and 0.91 with int4; f16 was even with
+// 64 rows and bf16 1.05x slower.
 inline constexpr int product_rows = 32;  // rows per tile of a pass of more than 4 heads
 
 // Whether this is an AMD processor, whose decode settings differ (row_tile_bytes,
@@ -118,9 +118,9 @@ inline bool amd_processor() {
 // K bytes per decode tile of a row type (above): 4 KiB on AMD processors, 2 KiB elsewhere.
 inline std::size_t row_tile_bytes() { return amd_processor() ? 4096 : 2048; }
 
-inline int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized, bool integer) {
+inline int rows_per_tile(std::size_t row_bytes, int heads, bool group_quantized, bool integer_product) {
   const std::size_t tile_bytes = group_quantized ? 4096 : row_tile_bytes();
-  if (heads > 4) return integer ? tile_rows : product_rows;
+  if (heads > 4) return integer_product ? tile_rows : product_rows;
   return static_cast<int>(std::clamp<std::size_t>(tile_bytes / row_bytes, 8, tile_rows));
 }
 
@@ -612,6 +612,15 @@ void score_key_group_integer(const int4x2* group, int first, int count, const st
   for (int h = 0; h < Heads; ++h) std::copy_n(group_scores[h] + first, count, scores[h] + column);
 }
 
+// Where pack_word_pairs (below) puts the codes of rows r and r + 1 (r even), elements from j (a
+// multiple of the pair_vectors * simd::width that load_word_pairs takes): the first word of
+// their pair_vectors vectors.
+template <int HeadDim>
+constexpr int word_pairs_at(int r, int j) {
+  constexpr int block = simd::pair_vectors * simd::width;
+  return (r / 2 * HeadDim + j) / block * simd::pair_vectors * simd::word_width;
+}
+
 // As accumulate_rows, for integer codes (int8, int4): each head's weights are rounded to 16-bit
 // words (unit = its largest weight / 32767), and the codes of two rows at a time are
 // interleaved into word pairs and dotted with the two rows' weights, so one integer multiply-add
@@ -659,7 +668,7 @@ void accumulate_rows_integer(const Storage* v, int rows, const float (*p)[tile_r
         simd::load_word_pairs(a, b, codes);
       } else {
         for (int i = 0; i < pairs; ++i)
-          codes[i] = simd::load_words(packed + ((r / 2 * HeadDim + j) / block * pairs + i) * simd::word_width);
+          codes[i] = simd::load_words(packed + word_pairs_at<HeadDim>(r, j) + i * simd::word_width);
       }
       for (int h = 0; h < Heads; ++h) {
         const simd::words pair = simd::broadcast_pair(weight[h] + r);
@@ -705,7 +714,7 @@ void transpose_query_pairs(const std::int16_t* q, int heads, std::int32_t* q_pai
 // sums_t[key][lane] = k_key . (column `lane` of q_pairs), exactly, for Keys rows of words
 // ([Keys][HeadDim]) and Vectors registers of lanes; q_pairs: [HeadDim / 2][Vectors * 16].
 // (A function of its own, as score_keys: inlined into its caller, GCC 12 moved the sums
-// between registers and the stack every step.)
+// between registers and the stack every step, and MQA int8 took 1.23x the time in L2.)
 template <int HeadDim, int Vectors, int Keys>
 void score_key_pairs(const std::int16_t* k, const std::int32_t* q_pairs, std::int32_t* sums_t) {
   constexpr int width = simd::width, lanes = Vectors * width;
@@ -769,18 +778,18 @@ void score_product_integer(const std::int8_t* k, int rows, const std::int32_t* q
 }
 
 // The codes of `rows` integer rows of v interleaved into word pairs as load_word_pairs makes
-// them, once per tile for the passes of more than 4 heads (an odd last row paired with itself).
-//   out: [(rows + 1) / 2][HeadDim / (pair_vectors * word pairs per vector)][pair_vectors] vectors
+// them, once per tile for the passes of more than 4 heads (an odd last row paired with itself),
+// at word_pairs_at: [(rows + 1) / 2][HeadDim / 64][pair_vectors] vectors of words.
 template <int HeadDim, class Storage>
 void pack_word_pairs(const Storage* v, int rows, std::int16_t* out) {
   constexpr int pairs = simd::pair_vectors, block = pairs * simd::width, units = elements_per_unit<Storage>;
   for (int r = 0; r < rows; r += 2) {
-    const Storage* a = v + r * HeadDim / units;
+    const Storage* a = v + r * HeadDim / units;  // as accumulate_rows_integer pairs them
     const Storage* b = r + 1 < rows ? a + HeadDim / units : a;
     for (int j = 0; j < HeadDim; j += block) {
       simd::words codes[pairs];
       simd::load_word_pairs(a + j / units, b + j / units, codes);
-      for (int i = 0; i < pairs; ++i) simd::store(out + ((r / 2 * HeadDim + j) / block * pairs + i) * simd::word_width, codes[i]);
+      for (int i = 0; i < pairs; ++i) simd::store(out + word_pairs_at<HeadDim>(r, j) + i * simd::word_width, codes[i]);
     }
   }
 }
